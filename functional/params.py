@@ -1,0 +1,72 @@
+"""Parameter dicts of one cell: torch's keys and shapes, checked in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+
+from functional.validate import check_dtype, check_keys, check_shape
+
+Params = Mapping[str, torch.Tensor]
+
+
+class CellSizes(NamedTuple):
+    """What a cell's params say about it."""
+
+    input_size: int  # I
+    hidden_size: int  # H
+    output_size: int  # H, or proj_size for an LSTM with `weight_hr`
+    bias: bool
+    dtype: torch.dtype
+
+
+def cell_param_shapes(gates: int, input_size: int, hidden_size: int, *, bias: bool = True, proj_size: int = 0) -> dict[str, tuple[int, ...]]:
+    """Torch's keys and shapes for one cell with `gates` blocks of `hidden_size` rows (G*H)."""
+    output_size = proj_size or hidden_size
+    shapes = {
+        "weight_ih": (gates * hidden_size, input_size),
+        "weight_hh": (gates * hidden_size, output_size),
+    }
+    if bias:
+        shapes["bias_ih"] = (gates * hidden_size,)
+        shapes["bias_hh"] = (gates * hidden_size,)
+    if proj_size:
+        shapes["weight_hr"] = (proj_size, hidden_size)
+    return shapes
+
+
+def check_cell_params(params: Params, gates: int, *, allow_projection: bool = False, name: str = "params", suffix: str = "") -> CellSizes:
+    """Check keys, shapes and dtypes of one cell's params; return the sizes they imply.
+
+    `suffix` names a layer's keys in messages (`"_l1_reverse"` -> `params['weight_ih_l1_reverse']`).
+    """
+    bias = isinstance(params, Mapping) and ("bias_ih" in params or "bias_hh" in params)
+    required = {"weight_ih", "weight_hh"} | ({"bias_ih", "bias_hh"} if bias else set())
+    check_keys(params, required, {"weight_hr"} if allow_projection else set(), name)
+    weight_ih = params["weight_ih"]
+    if not isinstance(weight_ih, torch.Tensor) or weight_ih.dim() != 2 or weight_ih.shape[0] % gates:
+        shape = tuple(weight_ih.shape) if isinstance(weight_ih, torch.Tensor) else type(weight_ih).__name__
+        raise ValueError(f"{name}['weight_ih{suffix}']: expected shape ({gates}*hidden_size, input_size), got {shape}")
+    hidden_size, input_size = weight_ih.shape[0] // gates, weight_ih.shape[1]
+    proj_size = params["weight_hr"].shape[0] if "weight_hr" in params and params["weight_hr"].dim() == 2 else 0
+    expected = cell_param_shapes(gates, input_size, hidden_size, bias=bias, proj_size=proj_size)
+    if "weight_hr" in params and not proj_size:
+        expected["weight_hr"] = (0, hidden_size)  # any 2-D shape; reported as the error below
+    for key, shape in expected.items():
+        check_shape(f"{name}[{key + suffix!r}]", params[key], shape)
+        check_dtype(f"{name}[{key + suffix!r}]", params[key], weight_ih.dtype)
+    return CellSizes(input_size, hidden_size, proj_size or hidden_size, bias, weight_ih.dtype)
+
+
+def input_projection(params: Params, x: torch.Tensor) -> torch.Tensor:
+    """`x W_ih^T + b_ih`, for one step `(*B, I)` or a whole sequence `(T, *B, I)` at once -> `(..., G*H)`."""
+    projected = x @ params["weight_ih"].T
+    return projected + params["bias_ih"] if "bias_ih" in params else projected
+
+
+def hidden_projection(params: Params, h: torch.Tensor) -> torch.Tensor:
+    """`h W_hh^T + b_hh`: `(*B, H) -> (*B, G*H)`."""
+    projected = h @ params["weight_hh"].T
+    return projected + params["bias_hh"] if "bias_hh" in params else projected
