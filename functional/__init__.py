@@ -6,6 +6,7 @@ from functional.lstm import LSTMCarry, lstm_cell
 from functional.registry import ARCHS, Arch, get_arch, init_params, initial_carry
 from functional.rnn import rnn_cell
 from functional.scan import scan
+from functional.stack import stack_params, unstack_params
 
 __all__ = [
     "ARCHS",
@@ -23,4 +24,6 @@ __all__ = [
     "rnn_cell",
     "run_layers",
     "scan",
+    "stack_params",
+    "unstack_params",
 ]

@@ -1,0 +1,1 @@
+"""cells.scripts: the `cells` command-line app and runnable tools."""

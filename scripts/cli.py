@@ -1,0 +1,20 @@
+"""The `cells` command: one Typer app, one module per command."""
+
+from __future__ import annotations
+
+import typer
+
+from scripts.parity_command import parity
+
+app = typer.Typer(help="Functional recurrent cells for PyTorch: train, compare and prove parity with torch.nn.", no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def main() -> None:
+    """Functional recurrent cells for PyTorch: train, compare and prove parity with torch.nn."""
+
+
+app.command()(parity)
+
+if __name__ == "__main__":
+    app()
