@@ -16,7 +16,7 @@ from parity.convert import TORCH_MODULES
 
 # dtype -> (output tolerance, gradient tolerance), both relative to the torch side's max |value|
 TOLERANCES = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5)}
-FORMS = ("cell", "2L bidir", "2L bidir packed")  # cell scanned over T; nn.RNN/LSTM/GRU(num_layers=2, bidirectional)
+FORMS = ("cell", "2L bi", "2L bi packed")  # cell scanned over T; nn.RNN/LSTM/GRU(num_layers=2, bidirectional)
 
 
 @dataclass

@@ -13,8 +13,8 @@ def parity(seed: int = typer.Option(0, help="Seed for params, inputs and cotange
     """Compare every registered arch with torch.nn (outputs, final carry, gradients); exit 1 on any failure."""
     console = Console()
     table = Table(title="functional vs torch.nn: max |Δ| / max |torch value|")
-    for column in ("arch", "form", "dtype", "max |Δ out|", "max |Δ grad|", "tol out/grad", "pass"):
-        table.add_column(column, justify="right" if column.startswith("max") else "left")
+    for column in ("arch", "form", "dtype", "Δ out", "Δ grad", "tol out/grad", "ok"):
+        table.add_column(column, justify="right" if column.startswith("Δ") else "left", no_wrap=True)
     failures = 0
     for row in parity_rows(seed=seed):
         dtype = str(row.dtype).removeprefix("torch.")
@@ -30,7 +30,7 @@ def parity(seed: int = typer.Option(0, help="Seed for params, inputs and cotange
     console.print(table)
 
     vmap_table = Table(title="vmap over K stacked param sets vs a loop (float64)")
-    for column in ("arch", "K", "max |Δ|", "pass"):
+    for column in ("arch", "K", "max |Δ|", "ok"):
         vmap_table.add_column(column)
     for row in vmap_rows(seed=seed):
         failures += not row.passed
