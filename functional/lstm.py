@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from functional.params import Params, check_cell_params, hidden_projection, input_projection
+from functional.params import Params, add_matmul, check_cell_params, gates_projection
 from functional.validate import check_dtype, check_input, check_shape
 
 
@@ -18,9 +18,9 @@ class LSTMCarry(NamedTuple):
 
 
 def lstm_recurrence(params: Params, carry: LSTMCarry, x_projected: torch.Tensor) -> tuple[LSTMCarry, torch.Tensor]:
-    """One step given the input already projected (`x W_ih^T + b_ih`, `(*B, 4H)`); unchecked."""
+    """One step given the input already projected (`x W_ih^T + b_ih + b_hh`, `(*B, 4H)`); unchecked."""
     h, c = carry
-    gates = x_projected + hidden_projection(params, h)  # (*B, 4H), torch's order i, f, g, o
+    gates = add_matmul(x_projected, h, params["weight_hh"])  # (*B, 4H), torch's order i, f, g, o
     i, f, g, o = gates.chunk(4, dim=-1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h = torch.sigmoid(o) * torch.tanh(c)
@@ -56,4 +56,4 @@ def lstm_cell(params: Params, carry: tuple[torch.Tensor, torch.Tensor], x: torch
     check_shape("carry.c", c, batch_shape + (sizes.hidden_size,), "batch shape of x, hidden_size")
     check_dtype("carry.h", h, sizes.dtype)
     check_dtype("carry.c", c, sizes.dtype)
-    return lstm_recurrence(params, LSTMCarry(h, c), input_projection(params, x))
+    return lstm_recurrence(params, LSTMCarry(h, c), gates_projection(params, x))

@@ -60,13 +60,31 @@ def check_cell_params(params: Params, gates: int, *, allow_projection: bool = Fa
     return CellSizes(input_size, hidden_size, proj_size or hidden_size, bias, weight_ih.dtype)
 
 
+def affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x W^T + b` for `x: (..., I)`, `W: (O, I)` -> `(..., O)`, as one 2-D (add)mm over all leading dims."""
+    flat = x.reshape(-1, x.shape[-1])  # (N, I); a whole sequence (T, *B, I) becomes one matmul
+    out = flat @ weight.T if bias is None else torch.addmm(bias, flat, weight.T)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def add_matmul(base: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`base + h W^T`, fused into one addmm when `h` is a 2-D batch."""
+    if h.dim() == 2 and base.dim() == 2:
+        return torch.addmm(base, h, weight.T)
+    return base + h @ weight.T
+
+
 def input_projection(params: Params, x: torch.Tensor) -> torch.Tensor:
     """`x W_ih^T + b_ih`, for one step `(*B, I)` or a whole sequence `(T, *B, I)` at once -> `(..., G*H)`."""
-    projected = x @ params["weight_ih"].T
-    return projected + params["bias_ih"] if "bias_ih" in params else projected
+    return affine(x, params["weight_ih"], params.get("bias_ih"))
+
+
+def gates_projection(params: Params, x: torch.Tensor) -> torch.Tensor:
+    """`x W_ih^T + (b_ih + b_hh)`: the input's share of RNN/LSTM gates, both biases folded in -> `(..., G*H)`."""
+    bias = params["bias_ih"] + params["bias_hh"] if "bias_ih" in params else None
+    return affine(x, params["weight_ih"], bias)
 
 
 def hidden_projection(params: Params, h: torch.Tensor) -> torch.Tensor:
     """`h W_hh^T + b_hh`: `(*B, H) -> (*B, G*H)`."""
-    projected = h @ params["weight_hh"].T
-    return projected + params["bias_hh"] if "bias_hh" in params else projected
+    return affine(h, params["weight_hh"], params.get("bias_hh"))

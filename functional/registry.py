@@ -12,7 +12,7 @@ import torch
 
 from functional.gru import gru_cell, gru_recurrence
 from functional.lstm import LSTMCarry, lstm_cell, lstm_recurrence
-from functional.params import Params, cell_param_shapes, input_projection
+from functional.params import Params, cell_param_shapes, gates_projection, input_projection
 from functional.rnn import rnn_cell, rnn_recurrence
 
 
@@ -52,16 +52,16 @@ class Arch:
     gates: int  # G: weight_ih is (G*H, I)
     init: Callable[..., dict[str, torch.Tensor]]  # (I, H, *, generator, dtype, device, bias) -> params
     cell: Callable[[Params, Any, torch.Tensor], tuple[Any, torch.Tensor]]  # checked single step
-    project: Callable[[Params, torch.Tensor], torch.Tensor]  # x (..., I) -> what `recurrence` consumes
+    project: Callable[[Params, torch.Tensor], torch.Tensor]  # x (..., I) -> what `recurrence` consumes (hoisted over T)
     recurrence: Callable[[Params, Any, torch.Tensor], tuple[Any, torch.Tensor]]  # unchecked step on projected x
     initial_carry: Callable[..., Any]  # (batch_shape, H, *, dtype, device) -> zeros
     supports_projection: bool = False  # LSTM's proj_size
 
 
 ARCHS: dict[str, Arch] = {
-    "rnn_tanh": Arch("rnn_tanh", 1, _gated_init(1), partial(rnn_cell, nonlinearity="tanh"), input_projection, partial(rnn_recurrence, nonlinearity="tanh"), _zeros_carry),
-    "rnn_relu": Arch("rnn_relu", 1, _gated_init(1), partial(rnn_cell, nonlinearity="relu"), input_projection, partial(rnn_recurrence, nonlinearity="relu"), _zeros_carry),
-    "lstm": Arch("lstm", 4, _gated_init(4), lstm_cell, input_projection, lstm_recurrence, _lstm_zeros_carry, supports_projection=True),
+    "rnn_tanh": Arch("rnn_tanh", 1, _gated_init(1), partial(rnn_cell, nonlinearity="tanh"), gates_projection, partial(rnn_recurrence, nonlinearity="tanh"), _zeros_carry),
+    "rnn_relu": Arch("rnn_relu", 1, _gated_init(1), partial(rnn_cell, nonlinearity="relu"), gates_projection, partial(rnn_recurrence, nonlinearity="relu"), _zeros_carry),
+    "lstm": Arch("lstm", 4, _gated_init(4), lstm_cell, gates_projection, lstm_recurrence, _lstm_zeros_carry, supports_projection=True),
     "gru": Arch("gru", 3, _gated_init(3), gru_cell, input_projection, gru_recurrence, _zeros_carry),
 }
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from functional.params import Params, check_cell_params, hidden_projection, input_projection
+from functional.params import Params, add_matmul, check_cell_params, gates_projection
 from functional.validate import check_dtype, check_input, check_shape
 
 NONLINEARITIES = {"tanh": torch.tanh, "relu": torch.relu}
 
 
 def rnn_recurrence(params: Params, h: torch.Tensor, x_projected: torch.Tensor, *, nonlinearity: str = "tanh") -> tuple[torch.Tensor, torch.Tensor]:
-    """One step given the input already projected (`x W_ih^T + b_ih`, `(*B, H)`); unchecked."""
-    h = NONLINEARITIES[nonlinearity](x_projected + hidden_projection(params, h))
+    """One step given the input already projected (`x W_ih^T + b_ih + b_hh`, `(*B, H)`); unchecked."""
+    h = NONLINEARITIES[nonlinearity](add_matmul(x_projected, h, params["weight_hh"]))
     return h, h
 
 
@@ -37,4 +37,4 @@ def rnn_cell(params: Params, h: torch.Tensor, x: torch.Tensor, *, nonlinearity: 
     batch_shape = check_input("x", x, sizes.input_size, sizes.dtype)
     check_shape("h", h, batch_shape + (sizes.hidden_size,), "batch shape of x, hidden_size")
     check_dtype("h", h, sizes.dtype)
-    return rnn_recurrence(params, h, input_projection(params, x), nonlinearity=nonlinearity)
+    return rnn_recurrence(params, h, gates_projection(params, x), nonlinearity=nonlinearity)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from scripts.parity_command import parity
+from scripts.train_command import compare, predict, train
 
 app = typer.Typer(help="Functional recurrent cells for PyTorch: train, compare and prove parity with torch.nn.", no_args_is_help=True, add_completion=False)
 
@@ -14,6 +15,9 @@ def main() -> None:
     """Functional recurrent cells for PyTorch: train, compare and prove parity with torch.nn."""
 
 
+app.command()(train)
+app.command()(compare)
+app.command()(predict)
 app.command()(parity)
 
 if __name__ == "__main__":
