@@ -144,8 +144,21 @@ class RunResult:
     out: Path
 
 
+def load_data(config: TrainConfig, resume_from: Checkpoint | None = None) -> Dataset:
+    """The run's dataset (standardized with the checkpoint's statistics when resuming)."""
+    stats = resume_from.data_stats if resume_from else None
+    device = resolve_device(config.device)
+    return make_dataset(config.data, test_series=config.test_series, window=config.window, future=config.future, dtype=DTYPES[config.dtype], device=device, stats=stats)
+
+
 def run(
-    config: TrainConfig, out: Path, *, resume_from: Checkpoint | None = None, pdf: bool = False, on_event: Callable[[StepEvent], None] = lambda event: None,
+    config: TrainConfig,
+    out: Path,
+    *,
+    data: Dataset | None = None,
+    resume_from: Checkpoint | None = None,
+    pdf: bool = False,
+    on_event: Callable[[StepEvent], None] = lambda event: None,
 ) -> RunResult:
     """Train `config.steps` steps into `out` (plots, metrics.json, checkpoint after every step).
 
@@ -153,8 +166,7 @@ def run(
     """
     device = resolve_device(config.device)
     dtype = DTYPES[config.dtype]
-    stats = resume_from.data_stats if resume_from else None
-    data = make_dataset(config.data, test_series=config.test_series, window=config.window, future=config.future, dtype=dtype, device=device, stats=stats)
+    data = data or load_data(config, resume_from)
     params = {k: v.to(device=device, dtype=dtype).clone() for k, v in resume_from.params.items()} if resume_from else initial_params(config, device)
     model = MODELS[config.imp](config, params)
     optimizer = make_optimizer(config, model.tensors())

@@ -21,7 +21,7 @@ from functional.registry import ARCHS
 from scripts.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
 from scripts.data import DataError, make_dataset
 from scripts.plots import plot_forecast
-from scripts.train import DEFAULT_LR, DTYPES, Diverged, RunResult, StepEvent, TrainConfig, resolve_device, run
+from scripts.train import DEFAULT_LR, DTYPES, Diverged, RunResult, StepEvent, TrainConfig, load_data, resolve_device, run
 
 ArchName = Enum("ArchName", {name: name for name in ARCHS}, type=str)  # type: ignore[misc]
 
@@ -109,7 +109,15 @@ def _prepare_out(out: Path, overwrite: bool, resuming: bool) -> None:
         raise fail(f"--out {out}: the directory is not writable")
 
 
-def _train_one(config: TrainConfig, out: Path, *, resume_from=None, pdf: bool = False, label: str = "") -> RunResult:
+def _load_data(config: TrainConfig, resume_from=None):
+    """Validate the data before anything is written; a bad file is one line and exit 2."""
+    try:
+        return load_data(config, resume_from)
+    except (DataError, ValueError) as error:
+        raise fail(str(error)) from None
+
+
+def _train_one(config: TrainConfig, out: Path, data, *, resume_from=None, pdf: bool = False, label: str = "") -> RunResult:
     """Run one training with a progress bar; map every expected failure to one line and an exit code."""
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
@@ -122,7 +130,7 @@ def _train_one(config: TrainConfig, out: Path, *, resume_from=None, pdf: bool = 
             progress.update(task, evals=event.evaluations, loss=f"{event.loss:.4e}", completed=event.step + 1 if event.done else event.step)
 
         try:
-            result = run(config, out, resume_from=resume_from, pdf=pdf, on_event=on_event)
+            result = run(config, out, data=data, resume_from=resume_from, pdf=pdf, on_event=on_event)
         except Diverged as error:
             progress.stop()
             raise fail(str(error), code=1) from None
@@ -179,8 +187,9 @@ def train(
         config = _config(given)
         out = out or Path("runs") / f"{config.arch}-{config.imp}"
     config.device = resolve_device(device)
+    data = _load_data(config, resume_from)
     _prepare_out(out, overwrite, resume is not None)
-    result = _train_one(config, out, resume_from=resume_from, pdf=pdf)
+    result = _train_one(config, out, data, resume_from=resume_from, pdf=pdf)
     console.print(f"wrote {out}/predict*.png, loss.png, metrics.json, checkpoint.safetensors ({len(result.history)} steps)")
 
 
@@ -210,11 +219,12 @@ def compare(
     base.device = resolve_device(device)
     out = out or Path("runs") / f"{base.arch}-compare"
     results = {}
+    data = _load_data(base)
     for imp in Imp:
         _prepare_out(out / imp.value, overwrite, False)
     for imp in Imp:
         config = dataclasses.replace(base, imp=imp.value)
-        results[imp.value] = _train_one(config, out / imp.value, pdf=pdf, label=f"{base.arch} ({imp.value})")
+        results[imp.value] = _train_one(config, out / imp.value, data, pdf=pdf, label=f"{base.arch} ({imp.value})")
     functional, reference = results["functional"], results["torch"]
     table = Table(title=f"{base.arch}: functional (torch.func.grad) vs torch.nn (autograd), same seed and weights")
     for column in ("step", "train functional", "train torch", "rel Δ", "test functional", "test torch", "rel Δ"):

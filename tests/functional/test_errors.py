@@ -16,6 +16,10 @@ F64 = torch.float64
 I, H, B = 3, 4, 2
 
 
+def zeros(*shape):
+    return torch.zeros(*shape, dtype=F64)
+
+
 def raises(message: str, function, *args, **kwargs) -> str:
     """Assert a ValueError (exactly; not a RuntimeError from torch) whose message contains `message` verbatim."""
     with pytest.raises(ValueError, match=re.escape(message)) as info:
@@ -44,7 +48,7 @@ def test_gates_table_matches_registry():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_wrong_input_size(arch, batch_shape):
     params, carry, _ = cell_inputs(arch, batch_shape)
-    x = torch.zeros(*batch_shape, I + 1, dtype=F64)
+    x = zeros(*batch_shape, I + 1)
     shape = "(" + ", ".join(map(str, (*batch_shape, I + 1))) + ("," if not batch_shape else "") + ")"
     raises(f"x: expected shape (*B, {I}) with input_size {I}, got {shape}", call, arch, params, carry, x)
 
@@ -59,12 +63,12 @@ def test_scalar_and_non_tensor_input(arch):
 @pytest.mark.parametrize("arch", ["rnn_tanh", "rnn_relu", "gru"])
 def test_wrong_carry_shape(arch):
     params, _, x = cell_inputs(arch)
-    raises(f"h: expected shape ({B}, {H}) (batch shape of x, hidden_size), got ({B}, {H + 1})", call, arch, params, torch.zeros(B, H + 1, dtype=F64), x)
+    raises(f"h: expected shape ({B}, {H}) (batch shape of x, hidden_size), got ({B}, {H + 1})", call, arch, params, zeros(B, H + 1), x)
 
 
 def test_wrong_lstm_carry_shapes():
     params, (h, c), x = cell_inputs("lstm")
-    wrong = torch.zeros(B, H + 1, dtype=F64)
+    wrong = zeros(B, H + 1)
     raises(f"carry.h: expected shape ({B}, {H}) (batch shape of x, hidden_size), got ({B}, {H + 1})", call, "lstm", params, LSTMCarry(wrong, c), x)
     raises(f"carry.c: expected shape ({B}, {H}) (batch shape of x, hidden_size), got ({B}, {H + 1})", call, "lstm", params, LSTMCarry(h, wrong), x)
     raises("carry: expected a pair (h, c), got Tensor", call, "lstm", params, h, x)
@@ -74,12 +78,12 @@ def test_wrong_lstm_carry_shapes():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_shape_of_carry_must_match_x(arch):
     params, _, _ = cell_inputs(arch)
-    x = torch.zeros(3, I, dtype=F64)
+    x = zeros(3, I)
     carry = initial_carry(arch, (B,), H, dtype=F64)
     name = "carry.h" if arch == "lstm" else "h"
     raises(f"{name}: expected shape (3, {H}) (batch shape of x, hidden_size), got ({B}, {H})", call, arch, params, carry, x)
     # an unbatched x with a batched carry, too
-    raises(f"{name}: expected shape ({H},) (batch shape of x, hidden_size), got ({B}, {H})", call, arch, params, carry, torch.zeros(I, dtype=F64))
+    raises(f"{name}: expected shape ({H},) (batch shape of x, hidden_size), got ({B}, {H})", call, arch, params, carry, zeros(I))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -108,7 +112,7 @@ def test_extra_key(arch):
     params, carry, x = cell_inputs(arch)
     raises("params: unexpected key 'weight_xx'", call, arch, {**params, "weight_xx": params["weight_ih"]}, carry, x)
     if arch != "lstm":  # a projection is LSTM-only
-        raises("params: unexpected key 'weight_hr'", call, arch, {**params, "weight_hr": torch.zeros(2, H, dtype=F64)}, carry, x)
+        raises("params: unexpected key 'weight_hr'", call, arch, {**params, "weight_hr": zeros(2, H)}, carry, x)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -121,22 +125,28 @@ def test_params_not_a_mapping(arch):
 def test_wrong_param_shape(arch):
     params, carry, x = cell_inputs(arch)
     g = GATES[arch]
-    raises(f"params['weight_hh']: expected shape ({g * H}, {H}), got ({g * H}, {H + 1})", call, arch, {**params, "weight_hh": torch.zeros(g * H, H + 1, dtype=F64)}, carry, x)
-    raises(f"params['bias_ih']: expected shape ({g * H},), got ({g * H + 1},)", call, arch, {**params, "bias_ih": torch.zeros(g * H + 1, dtype=F64)}, carry, x)
-    raises(f"params['weight_ih']: expected shape ({g}*hidden_size, input_size), got ({g * H},)", call, arch, {**params, "weight_ih": torch.zeros(g * H, dtype=F64)}, carry, x)
+    raises(f"params['weight_hh']: expected shape ({g * H}, {H}), got ({g * H}, {H + 1})", call, arch, {**params, "weight_hh": zeros(g * H, H + 1)}, carry, x)
+    raises(f"params['bias_ih']: expected shape ({g * H},), got ({g * H + 1},)", call, arch, {**params, "bias_ih": zeros(g * H + 1)}, carry, x)
+    raises(f"params['weight_ih']: expected shape ({g}*hidden_size, input_size), got ({g * H},)", call, arch, {**params, "weight_ih": zeros(g * H)}, carry, x)
     if g > 1:  # rows must be a multiple of the gate count
-        raises(f"params['weight_ih']: expected shape ({g}*hidden_size, input_size), got ({g * H + 1}, {I})", call, arch, {**params, "weight_ih": torch.zeros(g * H + 1, I, dtype=F64)}, carry, x)
+        raises(
+            f"params['weight_ih']: expected shape ({g}*hidden_size, input_size), got ({g * H + 1}, {I})",
+            call, arch, {**params, "weight_ih": zeros(g * H + 1, I)}, carry, x,
+        )
 
 
 def test_wrong_lstm_projection_shapes():
     params = init_params("lstm", I, H, dtype=F64)
-    carry = LSTMCarry(torch.zeros(B, 2, dtype=F64), torch.zeros(B, H, dtype=F64))
-    x = torch.zeros(B, I, dtype=F64)
-    with_projection = {**params, "weight_hh": torch.zeros(4 * H, 2, dtype=F64), "weight_hr": torch.zeros(2, H, dtype=F64)}
+    carry = LSTMCarry(zeros(B, 2), zeros(B, H))
+    x = zeros(B, I)
+    with_projection = {**params, "weight_hh": zeros(4 * H, 2), "weight_hr": zeros(2, H)}
     functional.lstm_cell(with_projection, carry, x)  # the valid form runs
-    raises(f"params['weight_hr']: expected shape (2, {H}), got (2, {H + 1})", functional.lstm_cell, {**with_projection, "weight_hr": torch.zeros(2, H + 1, dtype=F64)}, carry, x)
-    raises(f"params['weight_hh']: expected shape ({4 * H}, 2), got ({4 * H}, {H})", functional.lstm_cell, {**params, "weight_hr": torch.zeros(2, H, dtype=F64)}, carry, x)
-    raises(f"carry.h: expected shape ({B}, 2) (batch shape of x, hidden_size), got ({B}, {H})", functional.lstm_cell, with_projection, initial_carry("lstm", (B,), H, dtype=F64), x)
+    raises(f"params['weight_hr']: expected shape (2, {H}), got (2, {H + 1})", functional.lstm_cell, {**with_projection, "weight_hr": zeros(2, H + 1)}, carry, x)
+    raises(f"params['weight_hh']: expected shape ({4 * H}, 2), got ({4 * H}, {H})", functional.lstm_cell, {**params, "weight_hr": zeros(2, H)}, carry, x)
+    raises(
+        f"carry.h: expected shape ({B}, 2) (batch shape of x, hidden_size), got ({B}, {H})",
+        functional.lstm_cell, with_projection, initial_carry("lstm", (B,), H, dtype=F64), x,
+    )
 
 
 def test_bad_nonlinearity():
@@ -171,8 +181,8 @@ def test_init_layers_bad_structure():
 def test_proj_size_on_a_non_lstm(arch):
     raises(f"proj_size: only 'lstm' supports a projection, got proj_size=2 for arch {arch!r}", init_layers, arch, I, H, proj_size=2)
     layered = init_layers(arch, I, H, dtype=F64)
-    layered["weight_hr_l0"] = torch.zeros(2, H, dtype=F64)
-    raises("params: unexpected key 'weight_hr'", run_layers, arch, layered, torch.zeros(5, B, I, dtype=F64))
+    layered["weight_hr_l0"] = zeros(2, H)
+    raises("params: unexpected key 'weight_hr'", run_layers, arch, layered, zeros(5, B, I))
 
 
 # --- scan ----------------------------------------------------------------------------------------------
@@ -196,7 +206,10 @@ def test_scan_xs_without_a_time_axis(xs):
 
 def test_scan_mismatched_time_across_leaves():
     xs = {"a": torch.zeros(3, B, I), "b": torch.zeros(4, B, I)}
-    raises(f"xs: every tensor needs the same leading time dimension T, got shapes ['(3, {B}, {I})', '(4, {B}, {I})']", scan, lambda h, x: (h, h), torch.zeros(B, 1), xs)
+    raises(
+        f"xs: every tensor needs the same leading time dimension T, got shapes ['(3, {B}, {I})', '(4, {B}, {I})']",
+        scan, lambda h, x: (h, h), torch.zeros(B, 1), xs,
+    )
 
 
 @pytest.mark.parametrize("lengths, message", [
@@ -212,17 +225,29 @@ def test_scan_bad_lengths(lengths, message):
 
 def test_scan_bad_mask():
     xs = torch.zeros(5, B, I)
-    raises(f"mask: expected a bool tensor (T=5, *B), got torch.int64 of shape (5, {B})", scan, step, torch.zeros(B, 1), xs, mask=torch.ones(5, B, dtype=torch.long))
-    raises(f"mask: expected a bool tensor (T=5, *B), got torch.bool of shape (4, {B})", scan, step, torch.zeros(B, 1), xs, mask=torch.ones(4, B, dtype=torch.bool))
-    raises("lengths, mask: give one of them, not both", scan, step, torch.zeros(B, 1), xs, lengths=torch.tensor([1, 2]), mask=torch.ones(5, B, dtype=torch.bool))
+    raises(
+        f"mask: expected a bool tensor (T=5, *B), got torch.int64 of shape (5, {B})",
+        scan, step, torch.zeros(B, 1), xs, mask=torch.ones(5, B, dtype=torch.long),
+    )
+    raises(
+        f"mask: expected a bool tensor (T=5, *B), got torch.bool of shape (4, {B})",
+        scan, step, torch.zeros(B, 1), xs, mask=torch.ones(4, B, dtype=torch.bool),
+    )
+    raises(
+        "lengths, mask: give one of them, not both",
+        scan, step, torch.zeros(B, 1), xs, lengths=torch.tensor([1, 2]), mask=torch.ones(5, B, dtype=torch.bool),
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_run_layers_lengths_out_of_range(arch):
     params = init_layers(arch, I, H, dtype=F64)
-    xs = torch.zeros(5, B, I, dtype=F64)
+    xs = zeros(5, B, I)
     raises("lengths: expected values in [0, T=5], got min 2, max 9", run_layers, arch, params, xs, lengths=torch.tensor([9, 2]))
-    raises("lengths: expected an integer tensor of shape (*B,), got dtype torch.float64", run_layers, arch, params, xs, lengths=torch.tensor([1.0, 2.0], dtype=F64))
+    raises(
+        "lengths: expected an integer tensor of shape (*B,), got dtype torch.float64",
+        run_layers, arch, params, xs, lengths=torch.tensor([1.0, 2.0], dtype=F64),
+    )
 
 
 # --- run_layers ------------------------------------------------------------------------------------------
@@ -232,7 +257,7 @@ def layered(arch, **kwargs):
     return init_layers(arch, I, H, num_layers=2, bidirectional=True, generator=torch.Generator().manual_seed(0), dtype=F64, **kwargs)
 
 
-XS = torch.zeros(5, B, I, dtype=F64)
+XS = zeros(5, B, I)
 
 
 @pytest.mark.parametrize("key", ["weight_hh_l1", "bias_ih_l0_reverse", "weight_hh_l0_reverse"])
@@ -261,41 +286,62 @@ def test_run_layers_wrong_layer_shape(arch):
     params, g = layered(arch), GATES[arch]
     raises(
         f"params['weight_ih_l1']: expected shape ({g * H}, {2 * H}) (input of layer 1 is directions * output_size), got ({g * H}, {H})",
-        run_layers, arch, {**params, "weight_ih_l1": torch.zeros(g * H, H, dtype=F64)}, XS,
+        run_layers, arch, {**params, "weight_ih_l1": zeros(g * H, H)}, XS,
     )
     raises(
         f"params['weight_ih_l0_reverse']: expected shape ({g * H}, {I}) (input of layer 0 is input_size), got ({g * H}, {I + 1})",
-        run_layers, arch, {**params, "weight_ih_l0_reverse": torch.zeros(g * H, I + 1, dtype=F64)}, XS,
+        run_layers, arch, {**params, "weight_ih_l0_reverse": zeros(g * H, I + 1)}, XS,
     )
-    raises(f"params['weight_hh_l1_reverse']: expected shape ({g * H}, {H}), got ({g * H}, {H + 2})", run_layers, arch, {**params, "weight_hh_l1_reverse": torch.zeros(g * H, H + 2, dtype=F64)}, XS)
-    raises(f"params['bias_hh_l1']: expected shape ({g * H},), got ({g * H}, 1)", run_layers, arch, {**params, "bias_hh_l1": torch.zeros(g * H, 1, dtype=F64)}, XS)
-    raises("params['weight_ih_l1']: expected dtype torch.float64 (the params' dtype), got torch.float32", run_layers, arch, {**params, "weight_ih_l1": params["weight_ih_l1"].float(), "weight_hh_l1": params["weight_hh_l1"].float(), "bias_ih_l1": params["bias_ih_l1"].float(), "bias_hh_l1": params["bias_hh_l1"].float()}, XS)
+    raises(
+        f"params['weight_hh_l1_reverse']: expected shape ({g * H}, {H}), got ({g * H}, {H + 2})",
+        run_layers, arch, {**params, "weight_hh_l1_reverse": zeros(g * H, H + 2)}, XS,
+    )
+    raises(f"params['bias_hh_l1']: expected shape ({g * H},), got ({g * H}, 1)", run_layers, arch, {**params, "bias_hh_l1": zeros(g * H, 1)}, XS)
+    raises(
+        "params['weight_ih_l1']: expected dtype torch.float64 (the params' dtype), got torch.float32",
+        run_layers, arch, {**params, **{k: v.float() for k, v in params.items() if k.endswith("_l1")}}, XS,
+    )
 
 
 @pytest.mark.parametrize("arch", ["rnn_tanh", "rnn_relu", "gru"])
 def test_run_layers_wrong_carry_shape(arch):
     params = layered(arch)
-    raises(f"h0: expected shape (4, {B}, {H}) (num_layers * directions, batch shape of xs, size), got (2, {B}, {H})", run_layers, arch, params, XS, torch.zeros(2, B, H, dtype=F64))
-    raises(f"h0: expected shape (4, {B}, {H}) (num_layers * directions, batch shape of xs, size), got (4, 3, {H})", run_layers, arch, params, XS, torch.zeros(4, 3, H, dtype=F64))
+    raises(
+        f"h0: expected shape (4, {B}, {H}) (num_layers * directions, batch shape of xs, size), got (2, {B}, {H})",
+        run_layers, arch, params, XS, zeros(2, B, H),
+    )
+    raises(
+        f"h0: expected shape (4, {B}, {H}) (num_layers * directions, batch shape of xs, size), got (4, 3, {H})",
+        run_layers, arch, params, XS, zeros(4, 3, H),
+    )
     raises("h0: expected dtype torch.float64 (the params' dtype), got torch.float32", run_layers, arch, params, XS, torch.zeros(4, B, H))
-    raises("carry: expected a tensor h0, got tuple", run_layers, arch, params, XS, (torch.zeros(4, B, H, dtype=F64), torch.zeros(4, B, H, dtype=F64)))
+    raises("carry: expected a tensor h0, got tuple", run_layers, arch, params, XS, (zeros(4, B, H), zeros(4, B, H)))
 
 
 def test_run_layers_wrong_lstm_carry_shape():
     params = layered("lstm")
-    h0, c0 = torch.zeros(4, B, H, dtype=F64), torch.zeros(4, B, H, dtype=F64)
-    raises(f"carry.h0: expected shape (4, {B}, {H}) (num_layers * directions, batch shape of xs, size), got (4, {B}, {H + 1})", run_layers, "lstm", params, XS, LSTMCarry(torch.zeros(4, B, H + 1, dtype=F64), c0))
-    raises(f"carry.c0: expected shape (4, {B}, {H}) (num_layers * directions, batch shape of xs, size), got (3, {B}, {H})", run_layers, "lstm", params, XS, LSTMCarry(h0, torch.zeros(3, B, H, dtype=F64)))
+    h0, c0 = zeros(4, B, H), zeros(4, B, H)
+    raises(
+        f"carry.h0: expected shape (4, {B}, {H}) (num_layers * directions, batch shape of xs, size), got (4, {B}, {H + 1})",
+        run_layers, "lstm", params, XS, LSTMCarry(zeros(4, B, H + 1), c0),
+    )
+    raises(
+        f"carry.c0: expected shape (4, {B}, {H}) (num_layers * directions, batch shape of xs, size), got (3, {B}, {H})",
+        run_layers, "lstm", params, XS, LSTMCarry(h0, zeros(3, B, H)),
+    )
     raises("carry: expected a pair (h0, c0), got Tensor", run_layers, "lstm", params, XS, h0)
     projected = layered("lstm", proj_size=2)
-    raises(f"carry.h0: expected shape (4, {B}, 2) (num_layers * directions, batch shape of xs, size), got (4, {B}, {H})", run_layers, "lstm", projected, torch.zeros(5, B, I, dtype=F64), LSTMCarry(h0, c0))
+    raises(
+        f"carry.h0: expected shape (4, {B}, 2) (num_layers * directions, batch shape of xs, size), got (4, {B}, {H})",
+        run_layers, "lstm", projected, zeros(5, B, I), LSTMCarry(h0, c0),
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_run_layers_bad_xs(arch):
     params = layered(arch)
-    raises(f"xs: expected shape (*B, {I}) with input_size {I}, got (5, {B}, {I + 1})", run_layers, arch, params, torch.zeros(5, B, I + 1, dtype=F64))
-    raises(f"xs: expected shape (T, *B, {I}), got (5,)", run_layers, arch, params, torch.zeros(5, dtype=F64))
+    raises(f"xs: expected shape (*B, {I}) with input_size {I}, got (5, {B}, {I + 1})", run_layers, arch, params, zeros(5, B, I + 1))
+    raises(f"xs: expected shape (T, *B, {I}), got (5,)", run_layers, arch, params, zeros(5))
     raises(f"xs: expected shape (T, *B, {I}), got list", run_layers, arch, params, [[0.0] * I])
     raises("xs: expected dtype torch.float64 (the params' dtype), got torch.float32", run_layers, arch, params, torch.zeros(5, B, I))
 
@@ -330,7 +376,7 @@ def test_unstack_params_mismatched_leading_axis():
 def test_without_the_checks_torch_would_raise_a_runtime_error():
     """The point of the checks: the unchecked recurrence fails inside matmul with a RuntimeError; the cell says what is wrong."""
     params, carry, _ = cell_inputs("gru")
-    x = torch.zeros(B, I + 1, dtype=F64)
+    x = zeros(B, I + 1)
     with pytest.raises(RuntimeError):
         functional.get_arch("gru").recurrence(params, carry, functional.get_arch("gru").project(params, x))
     raises(f"x: expected shape (*B, {I}) with input_size {I}, got ({B}, {I + 1})", functional.gru_cell, params, carry, x)

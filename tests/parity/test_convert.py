@@ -17,6 +17,10 @@ DTYPES = [torch.float32, torch.float64]
 LAYERED = [(1, False, 0), (2, True, 0), (2, False, 0), (2, True, 2)]  # (num_layers, bidirectional, proj_size)
 
 
+def zeros(*shape):
+    return torch.zeros(*shape, dtype=torch.float64)
+
+
 def raises(message, function, *args, **kwargs):
     with pytest.raises(ValueError, match=re.escape(message)) as info:
         function(*args, **kwargs)
@@ -140,8 +144,8 @@ def test_from_torch_rejects_a_non_recurrent_module(module):
 def test_to_torch_rejects_mismatched_cell_params(arch):
     params = from_torch(make_cell(arch))
     g = functional.get_arch(arch).gates
-    raises(f"params['weight_hh']: expected shape ({g * 5}, 5), got ({g * 5}, 4)", to_torch, arch, {**params, "weight_hh": torch.zeros(g * 5, 4, dtype=torch.float64)})
-    raises(f"params['bias_hh']: expected shape ({g * 5},), got ({g * 5 + 1},)", to_torch, arch, {**params, "bias_hh": torch.zeros(g * 5 + 1, dtype=torch.float64)})
+    raises(f"params['weight_hh']: expected shape ({g * 5}, 5), got ({g * 5}, 4)", to_torch, arch, {**params, "weight_hh": zeros(g * 5, 4)})
+    raises(f"params['bias_hh']: expected shape ({g * 5},), got ({g * 5 + 1},)", to_torch, arch, {**params, "bias_hh": zeros(g * 5 + 1)})
     raises("params: missing key 'bias_ih'", to_torch, arch, {k: v for k, v in params.items() if k != "bias_ih"})
     raises("params: unexpected key 'extra'", to_torch, arch, {**params, "extra": params["bias_ih"]})
 
@@ -150,7 +154,10 @@ def test_to_torch_rejects_mismatched_cell_params(arch):
 def test_to_torch_rejects_mismatched_layered_params(arch):
     params = from_torch(make_layers(arch, 2, True))
     g = functional.get_arch(arch).gates
-    raises(f"params['weight_hh_l1_reverse']: expected shape ({g * 5}, 5), got ({g * 5}, 6)", to_torch, arch, {**params, "weight_hh_l1_reverse": torch.zeros(g * 5, 6, dtype=torch.float64)})
+    raises(
+        f"params['weight_hh_l1_reverse']: expected shape ({g * 5}, 5), got ({g * 5}, 6)",
+        to_torch, arch, {**params, "weight_hh_l1_reverse": zeros(g * 5, 6)},
+    )
     raises("params: missing key 'bias_hh_l1'", to_torch, arch, {k: v for k, v in params.items() if k != "bias_hh_l1"})
     raises("params: unexpected key 'weight_ih_l9'", to_torch, arch, {**params, "weight_ih_l9": params["weight_ih_l1"]})
 
@@ -165,13 +172,16 @@ def test_to_torch_rejects_a_projection_on_a_cell_and_an_unknown_arch():
 def test_load_params_checks_keys_and_shapes():
     module = nn.GRUCell(3, 4, dtype=torch.float64)
     good = {k: torch.randn(v.shape, dtype=torch.float64) for k, v in module.named_parameters()}
-    raises("params['weight_hh']: expected shape (12, 4), got (12, 5)", load_params, module, {**good, "weight_hh": torch.zeros(12, 5, dtype=torch.float64)})
-    raises("params['bias_ih']: expected shape (12,), got (4, 3)", load_params, module, {**good, "bias_ih": torch.zeros(4, 3, dtype=torch.float64)})
-    raises("params: missing key 'bias_hh' needed by GRUCell (expected keys ['bias_hh', 'bias_ih', 'weight_hh', 'weight_ih'])", load_params, module, {k: v for k, v in good.items() if k != "bias_hh"})
-    raises("params: unexpected key 'weight_hr' for GRUCell", load_params, module, {**good, "weight_hr": torch.zeros(2, 4, dtype=torch.float64)})
+    raises("params['weight_hh']: expected shape (12, 4), got (12, 5)", load_params, module, {**good, "weight_hh": zeros(12, 5)})
+    raises("params['bias_ih']: expected shape (12,), got (4, 3)", load_params, module, {**good, "bias_ih": zeros(4, 3)})
+    raises(
+        "params: missing key 'bias_hh' needed by GRUCell (expected keys ['bias_hh', 'bias_ih', 'weight_hh', 'weight_ih'])",
+        load_params, module, {k: v for k, v in good.items() if k != "bias_hh"},
+    )
+    raises("params: unexpected key 'weight_hr' for GRUCell", load_params, module, {**good, "weight_hr": zeros(2, 4)})
     before = {k: v.detach().clone() for k, v in module.named_parameters()}
     with pytest.raises(ValueError):
-        load_params(module, {**good, "weight_hh": torch.zeros(12, 5, dtype=torch.float64)})
+        load_params(module, {**good, "weight_hh": zeros(12, 5)})
     assert all(torch.equal(p.detach(), before[k]) for k, p in module.named_parameters()), "a rejected load must not half-write the module"
     assert load_params(module, good) is module
     assert_same_params(good, module)
