@@ -60,7 +60,7 @@ def layer_structure(arch: str, params: Params) -> LayerStructure:
         num_layers += 1
     bidirectional = "weight_ih_l0_reverse" in params
     bias = "bias_ih_l0" in params
-    projection = "weight_hr_l0" in params
+    projection = "weight_hr_l0" in params and get_arch(arch).supports_projection
     expected = {
         key + layer_suffix(layer, reverse)
         for layer in range(num_layers)

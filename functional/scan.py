@@ -85,7 +85,12 @@ def scan(
     for t in (reversed(range(steps)) if reverse else range(steps)):
         new_carry, y = step(carry, inputs[t])
         if masks is not None:
-            new_carry = tree_map(lambda new, old, m=masks[t]: _where(m, new, old), new_carry, carry)
+            # leaf by leaf, keeping the step's structure (a plain `(h, c)` may come back as LSTMCarry)
+            new_leaves, new_spec = tree_flatten(new_carry)
+            old_leaves = tree_flatten(carry)[0]
+            if len(new_leaves) != len(old_leaves):
+                raise ValueError(f"carry: step returned {len(new_leaves)} tensors, the carry holds {len(old_leaves)}")
+            new_carry = tree_unflatten([_where(masks[t], new, old) for new, old in zip(new_leaves, old_leaves)], new_spec)
             y = tree_map(lambda value, m=masks[t]: _where(m, value, 0.0), y)
         carry, outputs[t] = new_carry, y
     return carry, tree_map(lambda *ys: torch.stack(ys), *outputs)

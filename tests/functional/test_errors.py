@@ -182,7 +182,7 @@ def test_proj_size_on_a_non_lstm(arch):
     raises(f"proj_size: only 'lstm' supports a projection, got proj_size=2 for arch {arch!r}", init_layers, arch, I, H, proj_size=2)
     layered = init_layers(arch, I, H, dtype=F64)
     layered["weight_hr_l0"] = zeros(2, H)
-    raises("params: unexpected key 'weight_hr'", run_layers, arch, layered, zeros(5, B, I))
+    raises("params: unexpected key 'weight_hr_l0'", run_layers, arch, layered, zeros(5, B, I))
 
 
 # --- scan ----------------------------------------------------------------------------------------------

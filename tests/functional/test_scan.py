@@ -231,12 +231,6 @@ def test_lengths_match_torch_packed_sequence_lstm_projection(oracle, bidirection
     oracle.assert_close(oracle.leaves(got_final), list(want_final), OUT_TOL, "final carry")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: functional/scan.py scan() with lengths/mask maps tree_map over (new_carry, carry); an LSTM "
-    "cell returns an LSTMCarry namedtuple, so a plain (h, c) tuple carry (torch's own convention, as run_layers' "
-    "docstring promises) raises 'ValueError: Node type mismatch' instead of running",
-)
 def test_lengths_with_a_plain_tuple_lstm_carry(oracle):
     torch.manual_seed(3)
     module = oracle.nn_layers("lstm", 3, 4, dtype=F64)
