@@ -7,6 +7,7 @@ from functional.registry import ARCHS, Arch, get_arch, init_params, initial_carr
 from functional.rnn import rnn_cell
 from functional.scan import scan
 from functional.stack import stack_params, unstack_params
+from functional.sru import sru_cell, sru_init, sru_sequence
 
 __all__ = [
     "ARCHS",
@@ -24,6 +25,9 @@ __all__ = [
     "rnn_cell",
     "run_layers",
     "scan",
+    "sru_cell",
+    "sru_init",
+    "sru_sequence",
     "stack_params",
     "unstack_params",
 ]

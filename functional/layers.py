@@ -10,7 +10,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from functional.params import Params, check_cell_params
-from functional.registry import get_arch
+from functional.registry import ARCHS, get_arch
 from functional.scan import scan
 from functional.validate import check_dtype, check_input, check_shape
 
@@ -49,8 +49,14 @@ def layer_params(params: Params, layer: int, reverse: bool = False) -> dict[str,
 _CELL_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
 
+def _check_layered(arch: str) -> None:
+    if not get_arch(arch).layered:
+        raise ValueError(f"arch: {arch!r} has no layered (nn.RNN-style) form; expected one of {sorted(a for a, spec in ARCHS.items() if spec.layered)}")
+
+
 def layer_structure(arch: str, params: Params) -> LayerStructure:
     """Infer and check the structure of layered params; ValueError names any bad key or shape."""
+    _check_layered(arch)
     gates = get_arch(arch).gates
     if not isinstance(params, Mapping) or "weight_ih_l0" not in params:
         got = sorted(params)[:6] if isinstance(params, Mapping) else type(params).__name__
@@ -105,6 +111,7 @@ def init_layers(
 ) -> dict[str, torch.Tensor]:
     """Layered params with `torch.nn.RNN/LSTM/GRU` keys, drawn in torch's order (bitwise equal under a seed)."""
     spec = get_arch(arch)
+    _check_layered(arch)
     if num_layers < 1:
         raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
     if proj_size and not spec.supports_projection:

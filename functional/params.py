@@ -37,10 +37,11 @@ def cell_param_shapes(gates: int, input_size: int, hidden_size: int, *, bias: bo
     return shapes
 
 
-def check_cell_params(params: Params, gates: int, *, allow_projection: bool = False, name: str = "params", suffix: str = "") -> CellSizes:
+def check_cell_params(params: Params, gates: int, *, allow_projection: bool = False, name: str = "params", prefix: str = "", suffix: str = "") -> CellSizes:
     """Check keys, shapes and dtypes of one cell's params; return the sizes they imply.
 
-    `suffix` names a layer's keys in messages (`"_l1_reverse"` -> `params['weight_ih_l1_reverse']`).
+    `prefix`/`suffix` name the keys in messages as the caller's dict has them (`"cells.0."`,
+    `"_l1_reverse"` -> `params['weight_ih_l1_reverse']`).
     """
     bias = isinstance(params, Mapping) and ("bias_ih" in params or "bias_hh" in params)
     required = {"weight_ih", "weight_hh"} | ({"bias_ih", "bias_hh"} if bias else set())
@@ -48,15 +49,15 @@ def check_cell_params(params: Params, gates: int, *, allow_projection: bool = Fa
     weight_ih = params["weight_ih"]
     if not isinstance(weight_ih, torch.Tensor) or weight_ih.dim() != 2 or weight_ih.shape[0] % gates:
         shape = tuple(weight_ih.shape) if isinstance(weight_ih, torch.Tensor) else type(weight_ih).__name__
-        raise ValueError(f"{name}['weight_ih{suffix}']: expected shape ({gates}*hidden_size, input_size), got {shape}")
+        raise ValueError(f"{name}['{prefix}weight_ih{suffix}']: expected shape ({gates}*hidden_size, input_size), got {shape}")
     hidden_size, input_size = weight_ih.shape[0] // gates, weight_ih.shape[1]
     proj_size = params["weight_hr"].shape[0] if "weight_hr" in params and params["weight_hr"].dim() == 2 else 0
     expected = cell_param_shapes(gates, input_size, hidden_size, bias=bias, proj_size=proj_size)
     if "weight_hr" in params and not proj_size:
         expected["weight_hr"] = (0, hidden_size)  # any 2-D shape; reported as the error below
     for key, shape in expected.items():
-        check_shape(f"{name}[{key + suffix!r}]", params[key], shape)
-        check_dtype(f"{name}[{key + suffix!r}]", params[key], weight_ih.dtype)
+        check_shape(f"{name}[{prefix + key + suffix!r}]", params[key], shape)
+        check_dtype(f"{name}[{prefix + key + suffix!r}]", params[key], weight_ih.dtype)
     return CellSizes(input_size, hidden_size, proj_size or hidden_size, bias, weight_ih.dtype)
 
 

@@ -61,7 +61,8 @@ def _check_predictor(arch: str, params: Params) -> tuple[list[dict[str, torch.Te
     if not cells:
         raise ValueError("params: expected at least one cell ('cells.0.weight_ih', ...), got none")
     spec = get_arch(arch)
-    template = init_predictor(arch, *_sizes(spec, cells, params), layers=len(cells), output_size=params["head.weight"].shape[0], device="meta")
+    input_size, hidden_size = spec.sizes(cells[0], "cells.0.")
+    template = init_predictor(arch, input_size, hidden_size, layers=len(cells), output_size=params["head.weight"].shape[0], device="meta")
     extra = sorted(params.keys() - template.keys())
     if extra:
         raise ValueError(f"params: unexpected key {extra[0]!r} for a {len(cells)}-layer {arch} predictor")
@@ -69,15 +70,7 @@ def _check_predictor(arch: str, params: Params) -> tuple[list[dict[str, torch.Te
         if key not in params:
             raise ValueError(f"params: missing key {key!r} for a {len(cells)}-layer {arch} predictor")
         check_shape(f"params[{key!r}]", params[key], tuple(value.shape))
-    input_size, hidden_size = _sizes(spec, cells, params)
     return cells, input_size, hidden_size
-
-
-def _sizes(spec: Any, cells: list[dict[str, torch.Tensor]], params: Params) -> tuple[int, int]:
-    weight_ih = cells[0].get("weight_ih")
-    if weight_ih is None or weight_ih.dim() != 2:
-        raise ValueError("params['cells.0.weight_ih']: expected a 2-D tensor (G*hidden_size, input_size)")
-    return weight_ih.shape[1], params["head.weight"].shape[1]
 
 
 def predict(arch: str, params: Params, inputs: torch.Tensor, *, future: int = 0, carry: list[Any] | None = None) -> tuple[torch.Tensor, list[Any]]:

@@ -12,8 +12,9 @@ import torch
 
 from functional.gru import gru_cell, gru_recurrence
 from functional.lstm import LSTMCarry, lstm_cell, lstm_recurrence
-from functional.params import Params, cell_param_shapes, gates_projection, input_projection
+from functional.params import Params, cell_param_shapes, check_cell_params, gates_projection, input_projection
 from functional.rnn import rnn_cell, rnn_recurrence
+from functional.sru import sru_cell, sru_init, sru_projection, sru_recurrence, sru_sizes
 
 
 def uniform_init(
@@ -55,14 +56,28 @@ class Arch:
     project: Callable[[Params, torch.Tensor], torch.Tensor]  # x (..., I) -> what `recurrence` consumes (hoisted over T)
     recurrence: Callable[[Params, Any, torch.Tensor], tuple[Any, torch.Tensor]]  # unchecked step on projected x
     initial_carry: Callable[..., Any]  # (batch_shape, H, *, dtype, device) -> zeros
+    sizes: Callable[..., tuple[int, int]]  # (cell params, prefix="") -> (input_size, hidden_size), checked
     supports_projection: bool = False  # LSTM's proj_size
+    layered: bool = True  # has an nn.RNN/LSTM/GRU-style layered form (run_layers)
+    buffers: frozenset[str] = frozenset()  # param keys that are constants, never trained (SRU's scale_x)
+
+
+def _gated_sizes(gates: int, allow_projection: bool = False) -> Callable[[Params], tuple[int, int]]:
+    def sizes(params: Params, prefix: str = "") -> tuple[int, int]:
+        checked = check_cell_params(params, gates, allow_projection=allow_projection, prefix=prefix)
+        return checked.input_size, checked.hidden_size
+
+    return sizes
 
 
 ARCHS: dict[str, Arch] = {
-    "rnn_tanh": Arch("rnn_tanh", 1, _gated_init(1), partial(rnn_cell, nonlinearity="tanh"), gates_projection, partial(rnn_recurrence, nonlinearity="tanh"), _zeros_carry),
-    "rnn_relu": Arch("rnn_relu", 1, _gated_init(1), partial(rnn_cell, nonlinearity="relu"), gates_projection, partial(rnn_recurrence, nonlinearity="relu"), _zeros_carry),
-    "lstm": Arch("lstm", 4, _gated_init(4), lstm_cell, gates_projection, lstm_recurrence, _lstm_zeros_carry, supports_projection=True),
-    "gru": Arch("gru", 3, _gated_init(3), gru_cell, input_projection, gru_recurrence, _zeros_carry),
+    "rnn_tanh": Arch("rnn_tanh", 1, _gated_init(1), partial(rnn_cell, nonlinearity="tanh"), gates_projection, partial(rnn_recurrence, nonlinearity="tanh"), _zeros_carry, _gated_sizes(1)),
+    "rnn_relu": Arch("rnn_relu", 1, _gated_init(1), partial(rnn_cell, nonlinearity="relu"), gates_projection, partial(rnn_recurrence, nonlinearity="relu"), _zeros_carry, _gated_sizes(1)),
+    "lstm": Arch("lstm", 4, _gated_init(4), lstm_cell, gates_projection, lstm_recurrence, _lstm_zeros_carry, _gated_sizes(4, True), supports_projection=True),
+    "gru": Arch("gru", 3, _gated_init(3), gru_cell, input_projection, gru_recurrence, _zeros_carry, _gated_sizes(3)),
+    "sru": Arch(
+        "sru", 0, sru_init, sru_cell, sru_projection, sru_recurrence, _zeros_carry, lambda params, prefix="": sru_sizes(params, prefix)[:2], layered=False, buffers=frozenset({"scale_x"})
+    ),
 }
 
 

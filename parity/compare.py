@@ -14,6 +14,7 @@ from functional.params import Params
 from functional.registry import get_arch, initial_carry
 from functional.scan import scan
 from parity.convert import is_layered, to_torch
+from parity.sru import is_sru_module
 
 
 @dataclass
@@ -53,6 +54,10 @@ def _functional_forward(arch: str, params: Params, xs: torch.Tensor, carry: Any,
 
 
 def _torch_forward(module: torch.nn.Module, xs: torch.Tensor, carry: Any, lengths: torch.Tensor | None, layered: bool) -> tuple[torch.Tensor, Any]:
+    if is_sru_module(module):  # the sru package's own sequence path (one matmul, then its recurrence)
+        if lengths is not None:
+            raise ValueError("lengths: SRU parity is checked on full-length sequences")
+        return module(xs, carry)
     if layered:
         if lengths is None:
             return module(xs, carry)
@@ -86,8 +91,8 @@ def compare(arch: str, params: Params, xs: torch.Tensor, carry: Any = None, *, l
         else:
             carry = initial_carry(arch, tuple(xs.shape[1:-1]), module.hidden_size, dtype=xs.dtype, device=xs.device)
     generator = torch.Generator(device=xs.device).manual_seed(seed)
-    with torch.no_grad():
-        ys_ref, final_ref = _torch_forward(module, xs, carry, lengths, layered)
+    # grad mode on: sru's no-grad CPU kernel is float32-only; its grad-mode path is the pure-Python reference
+    ys_ref, final_ref = tree_map(lambda t: t.detach(), _torch_forward(module, xs, carry, lengths, layered))
     y_weight = torch.randn(ys_ref.shape, generator=generator, dtype=xs.dtype, device=xs.device)
     carry_weight = tree_map(lambda leaf: torch.randn(leaf.shape, generator=generator, dtype=xs.dtype, device=xs.device), final_ref)
 

@@ -10,7 +10,9 @@ from torch import nn
 from functional.layers import layer_structure
 from functional.params import Params, check_cell_params
 from functional.registry import get_arch
+from functional.sru import sru_sizes
 from functional.validate import shape_str
+from parity.sru import is_sru_module, sru_step_class
 
 # arch -> (cell class, layered class, constructor keywords)
 TORCH_MODULES: dict[str, tuple[type[nn.Module], type[nn.Module], dict]] = {
@@ -30,13 +32,13 @@ def torch_modules(arch: str) -> tuple[type[nn.Module], type[nn.Module], dict]:
     """`(cell class, layered class, keywords)` for a registered arch with a torch.nn counterpart."""
     get_arch(arch)
     if arch not in TORCH_MODULES:
-        raise ValueError(f"arch: {arch!r} has no torch.nn counterpart; expected one of {sorted(TORCH_MODULES)}")
+        raise ValueError(f"arch: {arch!r} has no torch.nn counterpart; expected one of {sorted(TORCH_MODULES) + ['sru']}")
     return TORCH_MODULES[arch]
 
 
 def load_params(module: nn.Module, params: Params) -> nn.Module:
     """Copy `params` into `module` after checking that keys and shapes match exactly (nanoGPT's discipline)."""
-    expected = dict(module.named_parameters())
+    expected = module.state_dict(keep_vars=True)  # parameters and buffers (SRU's scale_x)
     missing, extra = sorted(expected.keys() - params.keys()), sorted(params.keys() - expected.keys())
     if missing:
         raise ValueError(f"params: missing key {missing[0]!r} needed by {type(module).__name__} (expected keys {sorted(expected)})")
@@ -52,7 +54,15 @@ def load_params(module: nn.Module, params: Params) -> nn.Module:
 
 
 def to_torch(arch: str, params: Params) -> nn.Module:
-    """The `torch.nn` module holding the same tensors: a cell for cell params, `nn.RNN/LSTM/GRU` for layered ones."""
+    """The `torch.nn` module holding the same tensors: a cell for cell params, `nn.RNN/LSTM/GRU` for layered ones.
+
+    For `sru` it is the sru package's `SRUCell` (which also steps like an nn cell; see parity.sru).
+    """
+    if arch == "sru":
+        input_size, hidden_size, _ = sru_sizes(params)
+        weight = params["weight"]
+        module = sru_step_class()(input_size, hidden_size).to(device=weight.device, dtype=weight.dtype)
+        return load_params(module, params)
     cell_class, layered_class, keywords = torch_modules(arch)
     if is_layered(params):
         s = layer_structure(arch, params)
@@ -69,16 +79,18 @@ def to_torch(arch: str, params: Params) -> nn.Module:
 
 
 def arch_of(module: nn.Module) -> str:
-    """The registry name of a torch.nn recurrent module."""
+    """The registry name of a torch.nn recurrent module (or an sru.SRUCell)."""
+    if is_sru_module(module):
+        return "sru"
     if isinstance(module, (nn.RNNCell, nn.RNN)):
         return "rnn_" + module.nonlinearity
     for arch, (cell_class, layered_class, _) in TORCH_MODULES.items():
         if type(module) in (cell_class, layered_class):
             return arch
-    raise ValueError(f"module: expected one of nn.RNNCell/LSTMCell/GRUCell/RNN/LSTM/GRU, got {type(module).__name__}")
+    raise ValueError(f"module: expected one of nn.RNNCell/LSTMCell/GRUCell/RNN/LSTM/GRU or sru.SRUCell, got {type(module).__name__}")
 
 
 def from_torch(module: nn.Module) -> dict[str, torch.Tensor]:
     """Params (torch's keys) holding copies of `module`'s tensors; `to_torch(arch_of(m), from_torch(m))` rebuilds it exactly."""
     arch_of(module)
-    return {key: parameter.detach().clone() for key, parameter in module.named_parameters()}
+    return {key: tensor.detach().clone() for key, tensor in module.state_dict(keep_vars=True).items()}

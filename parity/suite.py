@@ -12,7 +12,7 @@ from functional.layers import init_layers
 from functional.registry import ARCHS, get_arch, init_params, initial_carry
 from functional.stack import stack_params
 from parity.compare import ParityReport, compare
-from parity.convert import TORCH_MODULES
+from parity.sru import INSTALL_HINT, sru_available
 
 # dtype -> (output tolerance, gradient tolerance), both relative to the torch side's max |value|
 TOLERANCES = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5)}
@@ -39,11 +39,11 @@ class ParityRow:
 
 def parity_rows(input_size: int = 5, hidden_size: int = 7, steps: int = 9, batch: int = 3, seed: int = 0) -> Iterator[ParityRow]:
     """Compare every arch with its torch.nn counterpart on random inputs; yields one row per check."""
-    for arch in ARCHS:
-        for form in FORMS:
+    for arch, spec in ARCHS.items():
+        for form in FORMS if spec.layered else FORMS[:1]:
             for dtype in TOLERANCES:
-                if arch not in TORCH_MODULES:
-                    yield ParityRow(arch, form, dtype, None, skipped=f"no torch.nn counterpart for {arch}")
+                if arch == "sru" and not sru_available():
+                    yield ParityRow(arch, form, dtype, None, skipped=f"sru package missing: {INSTALL_HINT}")
                     continue
                 generator = torch.Generator().manual_seed(seed)
                 if form == "cell":

@@ -15,6 +15,7 @@ import torch
 from torch.func import grad_and_value
 
 from functional.predictor import init_predictor, predict
+from functional.registry import get_arch
 from parity.predictor import to_torch_predictor
 from scripts.checkpoint import Checkpoint, CheckpointError, save_checkpoint, write_json
 from scripts.data import Dataset, make_dataset
@@ -67,16 +68,19 @@ class FunctionalModel:
 
     def __init__(self, config: TrainConfig, params: dict[str, torch.Tensor]):
         self.arch, self.params = config.arch, params
+        constants = get_arch(config.arch).buffers  # e.g. SRU's scale_x: part of the model, never trained
+        self.trainable = {key: value for key, value in params.items() if key.rsplit(".", 1)[-1] not in constants}
+        self.constants = {key: value for key, value in params.items() if key not in self.trainable}
 
     def tensors(self) -> list[torch.Tensor]:
-        return list(self.params.values())
+        return list(self.trainable.values())
 
     def loss_and_grad(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            return mse(predict(self.arch, params, inputs)[0], target)
+        def loss(trainable: dict[str, torch.Tensor]) -> torch.Tensor:
+            return mse(predict(self.arch, {**trainable, **self.constants}, inputs)[0], target)
 
-        grads, value = grad_and_value(loss)(self.params)
-        for key, tensor in self.params.items():
+        grads, value = grad_and_value(loss)(self.trainable)
+        for key, tensor in self.trainable.items():
             tensor.grad = grads[key]
         return value
 
@@ -106,7 +110,7 @@ class TorchModel:
         return self.module(inputs, future=future)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {key: value.detach() for key, value in self.module.named_parameters()}
+        return {key: value.detach() for key, value in self.module.state_dict(keep_vars=True).items()}
 
 
 MODELS = {"functional": FunctionalModel, "torch": TorchModel}

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from functional import ARCHS
+from parity.sru import sru_available
 from scripts.checkpoint import load_checkpoint
 from tests.cli.conftest import SMALL
+
+
+def skip_without_sru(arch: str, imp: str) -> None:
+    if arch == "sru" and imp == "torch" and not sru_available():
+        pytest.skip("--imp torch for sru needs the optional sru package (pip install 'cells[sru]')")
 
 
 def history(run_dir: Path) -> list[dict]:
@@ -21,6 +27,7 @@ def history(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("imp", ["functional", "torch"])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_train_writes_plots_metrics_and_checkpoint(invoke, small_csv, tmp_path, arch, imp):
+    skip_without_sru(arch, imp)
     code, output = invoke("train", "--arch", arch, "--imp", imp, "--data", small_csv, *SMALL)
     assert code == 0, output
     run_dir = tmp_path / "runs" / f"{arch}-{imp}"
@@ -35,6 +42,7 @@ def test_train_writes_plots_metrics_and_checkpoint(invoke, small_csv, tmp_path, 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_functional_and_torch_agree_on_the_first_step(invoke, small_csv, tmp_path, arch):
+    skip_without_sru(arch, "torch")
     for imp in ("functional", "torch"):
         code, output = invoke("train", "--arch", arch, "--imp", imp, "--data", small_csv, *SMALL)
         assert code == 0, output
