@@ -100,6 +100,7 @@ def sru_sequence(params: Params, c: torch.Tensor, xs: torch.Tensor, *, lengths: 
         raise ValueError(f"xs: expected shape (T, *B, {input_size}), got {tuple(xs.shape) if isinstance(xs, torch.Tensor) else type(xs).__name__}")
     batch_shape = check_input("xs", xs, input_size, params["weight"].dtype)[1:]
     check_shape("c", c, batch_shape + (hidden_size,), "batch shape of xs, hidden_size")
+    check_dtype("c", c, params["weight"].dtype)
     return scan(lambda carry, projected: sru_recurrence(params, carry, projected), c, sru_projection(params, xs), lengths=lengths)
 
 

@@ -57,6 +57,9 @@ def _torch_forward(module: torch.nn.Module, xs: torch.Tensor, carry: Any, length
     if is_sru_module(module):  # the sru package's own sequence path (one matmul, then its recurrence)
         if lengths is not None:
             raise ValueError("lengths: SRU parity is checked on full-length sequences")
+        if xs.dim() == 2:  # unbatched (T, I): the package reads 2-D input as one step, so add a batch of 1
+            h, c = module(xs.unsqueeze(1), carry.unsqueeze(0))
+            return h.squeeze(1), c.squeeze(0)
         return module(xs, carry)
     if layered:
         if lengths is None:

@@ -12,7 +12,7 @@ from functional.params import Params, check_cell_params
 from functional.registry import get_arch
 from functional.sru import sru_sizes
 from functional.validate import shape_str
-from parity.sru import is_sru_module, sru_step_class
+from parity.sru import check_sru_settings, is_sru_module, sru_step_class
 
 # arch -> (cell class, layered class, constructor keywords)
 TORCH_MODULES: dict[str, tuple[type[nn.Module], type[nn.Module], dict]] = {
@@ -32,7 +32,7 @@ def torch_modules(arch: str) -> tuple[type[nn.Module], type[nn.Module], dict]:
     """`(cell class, layered class, keywords)` for a registered arch with a torch.nn counterpart."""
     get_arch(arch)
     if arch not in TORCH_MODULES:
-        raise ValueError(f"arch: {arch!r} has no torch.nn counterpart; expected one of {sorted(TORCH_MODULES) + ['sru']}")
+        raise ValueError(f"arch: {arch!r} has no torch.nn counterpart; expected one of {sorted(TORCH_MODULES)}")
     return TORCH_MODULES[arch]
 
 
@@ -92,5 +92,6 @@ def arch_of(module: nn.Module) -> str:
 
 def from_torch(module: nn.Module) -> dict[str, torch.Tensor]:
     """Params (torch's keys) holding copies of `module`'s tensors; `to_torch(arch_of(m), from_torch(m))` rebuilds it exactly."""
-    arch_of(module)
+    if arch_of(module) == "sru":
+        check_sru_settings(module)
     return {key: tensor.detach().clone() for key, tensor in module.state_dict(keep_vars=True).items()}

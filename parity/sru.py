@@ -60,3 +60,21 @@ def sru_step_class() -> type[nn.Module]:
 def is_sru_module(module: nn.Module) -> bool:
     """True for an `sru.SRUCell` (without importing sru when it is not installed)."""
     return any(cls.__module__.startswith("sru.") and cls.__name__ == "SRUCell" for cls in type(module).__mro__)
+
+
+def check_sru_settings(module: nn.Module) -> None:
+    """Refuse SRUCell options that `functional.sru_cell` does not implement, instead of converting them wrongly."""
+    unsupported = {
+        "use_tanh": getattr(module, "activation_type", 0) != 0,
+        "has_skip_term=False": not getattr(module, "has_skip_term", True),
+        "bidirectional": getattr(module, "bidirectional", False),
+        "n_proj": getattr(module, "projection_size", 0) > 0,
+        "layer_norm": getattr(module, "layer_norm", None) is not None,
+        "custom_m": getattr(module, "custom_m", None) is not None,
+    }
+    found = [name for name, present in unsupported.items() if present]
+    if found:
+        raise ValueError(
+            f"module: SRUCell with {', '.join(found)} is not supported by functional.sru_cell "
+            "(expected the default identity activation, skip term on, one direction, no projection, no layer norm)"
+        )

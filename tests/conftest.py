@@ -6,6 +6,7 @@ test folders may add their own conftest.py without clashing with a module named 
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -64,3 +65,11 @@ def oracle() -> SimpleNamespace:
     return SimpleNamespace(
         NN_MODULES=NN_MODULES, nn_cell=nn_cell, nn_layers=nn_layers, params_of=params_of, leaves=leaves, assert_close=assert_close
     )
+
+
+@pytest.fixture
+def sru_package():
+    """The optional `sru` package (the SRU oracle), or a skip when it is not installed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns that its CUDA kernels cannot be compiled on a CPU machine
+        return pytest.importorskip("sru")

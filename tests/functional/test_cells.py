@@ -18,6 +18,7 @@ import functional
 from functional import LSTMCarry
 
 ARCHS = list(functional.ARCHS)
+NN_ARCHS = [arch for arch in ARCHS if functional.ARCHS[arch].layered]  # those with a torch.nn cell to check against
 SIZES = [(1, 1, 1), (3, 5, 2), (8, 4, 3), (6, 8, 4)]  # (input_size, hidden_size, batch)
 OUT_TOL, GRAD_TOL = 1e-12, 1e-10
 F64 = torch.float64
@@ -40,9 +41,13 @@ def torch_step(arch: str, module, carry, x):
 
 
 def setup(oracle, arch, input_size, hidden_size, batch_shape, bias=True, seed=0):
+    """The torch.nn cell and its params; for an arch without one (sru) the module is None and params come from init_params."""
     torch.manual_seed(seed)
-    module = oracle.nn_cell(arch, input_size, hidden_size, bias=bias, dtype=F64)
-    params = oracle.params_of(module)
+    if arch in oracle.NN_MODULES:
+        module = oracle.nn_cell(arch, input_size, hidden_size, bias=bias, dtype=F64)
+        params = oracle.params_of(module)
+    else:
+        module, params = None, functional.init_params(arch, input_size, hidden_size, dtype=F64)
     generator = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(*batch_shape, input_size, generator=generator, dtype=F64)
     carry = random_carry(arch, batch_shape, hidden_size, generator)
@@ -50,7 +55,9 @@ def setup(oracle, arch, input_size, hidden_size, batch_shape, bias=True, seed=0)
 
 
 def test_every_arch_has_a_torch_counterpart(oracle):
-    assert set(ARCHS) == set(oracle.NN_MODULES)
+    """Every layered arch is a torch.nn one (the hand-written table); the only other is sru (checked against the sru package)."""
+    assert set(NN_ARCHS) == set(oracle.NN_MODULES)
+    assert set(ARCHS) - set(NN_ARCHS) == {"sru"}
     for arch in ARCHS:
         assert functional.get_arch(arch).name == arch
 
@@ -58,7 +65,7 @@ def test_every_arch_has_a_torch_counterpart(oracle):
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("sizes", SIZES, ids=lambda s: "I{}H{}B{}".format(*s))
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", NN_ARCHS)
 def test_cell_outputs_match_torch(oracle, arch, sizes, bias, batched):
     input_size, hidden_size, batch = sizes
     batch_shape = (batch,) if batched else ()
@@ -73,7 +80,7 @@ def test_cell_outputs_match_torch(oracle, arch, sizes, bias, batched):
     assert got_y.shape == (*batch_shape, hidden_size)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", NN_ARCHS)
 def test_zero_initial_carry_matches_torch_default(oracle, arch):
     module, params, x, _, _ = setup(oracle, arch, 4, 6, (3,))
     carry = functional.initial_carry(arch, (3,), 6, dtype=F64)
@@ -98,7 +105,7 @@ def test_rnn_cell_nonlinearity_keyword(oracle, arch):
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("sizes", SIZES, ids=lambda s: "I{}H{}B{}".format(*s))
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", NN_ARCHS)
 def test_cell_gradients_match_torch(oracle, arch, sizes, bias, batched):
     """d<y, W_y> + <carry, W_c> w.r.t. params, carry and x: torch.func.grad vs torch.autograd."""
     input_size, hidden_size, batch = sizes
@@ -125,7 +132,7 @@ def test_cell_gradients_match_torch(oracle, arch, sizes, bias, batched):
     oracle.assert_close(oracle.leaves(got_carry), list(want[len(names) + 1 :]), GRAD_TOL, "grad carry")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", NN_ARCHS)
 def test_any_batch_shape_equals_flattened_batch(oracle, arch):
     module, params, x, carry, _ = setup(oracle, arch, 5, 4, (2, 3))
     cell = functional.get_arch(arch).cell
@@ -183,7 +190,7 @@ def code_without_strings_and_comments(source: str) -> str:
 
 def test_functional_files_are_found():
     names = {path.name for path in FUNCTIONAL_FILES}
-    assert {"__init__.py", "validate.py", "params.py", "rnn.py", "lstm.py", "gru.py", "scan.py", "registry.py", "layers.py", "stack.py"} <= names
+    assert {"__init__.py", "validate.py", "params.py", "rnn.py", "lstm.py", "gru.py", "scan.py", "registry.py", "layers.py", "stack.py", "sru.py"} <= names
 
 
 def torch_nn_uses(source: str) -> list[str]:

@@ -11,6 +11,7 @@ import torch
 import functional
 import functional.registry
 from parity import TORCH_MODULES, ParityReport, compare
+from parity.sru import sru_available
 from parity.suite import FORMS, TOLERANCES, parity_rows, vmap_rows
 
 ARCHS = list(TORCH_MODULES)
@@ -149,10 +150,19 @@ def test_compare_detects_a_perturbed_torch_parameter(monkeypatch, arch, layered)
 
 
 def test_parity_rows_all_pass():
+    """Every arch in every form it has (sru: the cell only), both dtypes; all within tolerance.
+
+    sru's rows need the sru package; without it they are skipped rows (checked in tests/parity/test_sru.py).
+    """
     rows = list(parity_rows())
-    assert {(row.arch, row.form, row.dtype) for row in rows} == {(arch, form, dtype) for arch in functional.ARCHS for form in FORMS for dtype in TOLERANCES}
-    assert len(rows) == len(functional.ARCHS) * len(FORMS) * len(TOLERANCES)
+    expected = [(arch, form, dtype) for arch, spec in functional.ARCHS.items() for form in (FORMS if spec.layered else ("cell",)) for dtype in TOLERANCES]
+    assert [(row.arch, row.form, row.dtype) for row in rows] == expected
+    assert {arch for arch, _, _ in expected} == set(functional.ARCHS)
+    assert len(rows) == len(TORCH_MODULES) * len(FORMS) * len(TOLERANCES) + len(TOLERANCES)  # + sru's cell rows
     for row in rows:
+        if row.arch == "sru" and not sru_available():
+            assert row.report is None and "pip install 'cells[sru]'" in row.skipped and not row.passed
+            continue
         assert not row.skipped and row.report is not None, (row.arch, row.form)
         assert row.passed, (row.arch, row.form, row.dtype, row.report)
         assert row.report.relative_out <= row.tolerances[0] and row.report.relative_grad <= row.tolerances[1]
