@@ -94,29 +94,28 @@ def compare(arch: str, params: Params, xs: torch.Tensor, carry: Any = None, *, l
         else:
             carry = initial_carry(arch, tuple(xs.shape[1:-1]), module.hidden_size, dtype=xs.dtype, device=xs.device)
     generator = torch.Generator(device=xs.device).manual_seed(seed)
-    # grad mode on: sru's no-grad CPU kernel is float32-only; its grad-mode path is the pure-Python reference
-    ys_ref, final_ref = tree_map(lambda t: t.detach(), _torch_forward(module, xs, carry, lengths, layered))
-    y_weight = torch.randn(ys_ref.shape, generator=generator, dtype=xs.dtype, device=xs.device)
-    carry_weight = tree_map(lambda leaf: torch.randn(leaf.shape, generator=generator, dtype=xs.dtype, device=xs.device), final_ref)
+    # torch side: one forward in grad mode on leaf copies of inputs and carry (grad mode also keeps sru off
+    # its float32-only no-grad CPU kernel, on its pure-Python reference path), then autograd
+    xs_leaf = xs.detach().clone().requires_grad_()
+    carry_leaf = tree_map(lambda leaf: leaf.detach().clone().requires_grad_(), carry)
+    ys_torch, final_torch = _torch_forward(module, xs_leaf, carry_leaf, lengths, layered)
+    y_weight = torch.randn(ys_torch.shape, generator=generator, dtype=xs.dtype, device=xs.device)
+    carry_weight = tree_map(lambda leaf: torch.randn(leaf.shape, generator=generator, dtype=xs.dtype, device=xs.device), final_torch)
 
     def objective(ys: torch.Tensor, final: Any) -> torch.Tensor:
         return (ys * y_weight).sum() + sum((leaf * weight).sum() for leaf, weight in zip(tree_flatten(final)[0], tree_flatten(carry_weight)[0]))
 
-    # torch side: autograd on leaf copies of inputs and carry
-    xs_leaf = xs.detach().clone().requires_grad_()
-    carry_leaf = tree_map(lambda leaf: leaf.detach().clone().requires_grad_(), carry)
-    ys_torch, final_torch = _torch_forward(module, xs_leaf, carry_leaf, lengths, layered)
     names = [name for name, _ in module.named_parameters()]
     inputs = [p for _, p in module.named_parameters()] + [xs_leaf] + tree_flatten(carry_leaf)[0]
     torch_grads = torch.autograd.grad(objective(ys_torch, final_torch), inputs, allow_unused=True)
     torch_grads = [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, torch_grads)]
 
-    # functional side: torch.func.grad, no .backward()
-    def loss(p: Params, x: torch.Tensor, c: Any) -> torch.Tensor:
-        return objective(*_functional_forward(arch, p, x, c, lengths))
+    # functional side: torch.func.grad, no .backward(); the forward's outputs come back as aux
+    def loss(p: Params, x: torch.Tensor, c: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
+        outputs = _functional_forward(arch, p, x, c, lengths)
+        return objective(*outputs), outputs
 
-    grad_params, grad_xs, grad_carry = grad(loss, argnums=(0, 1, 2))(dict(params), xs, carry)
-    ys_fn, final_fn = _functional_forward(arch, params, xs, carry, lengths)
+    (grad_params, grad_xs, grad_carry), (ys_fn, final_fn) = grad(loss, argnums=(0, 1, 2), has_aux=True)(dict(params), xs, carry)
 
     grads = {name: _max_abs(grad_params[name], g) for name, g in zip(names, torch_grads)}
     grads["xs"] = _max_abs(grad_xs, torch_grads[len(names)])
@@ -125,6 +124,6 @@ def compare(arch: str, params: Params, xs: torch.Tensor, carry: Any = None, *, l
         out=_max_abs(ys_fn, ys_torch),
         carry=_max_abs(final_fn, final_torch),
         grads=grads,
-        out_scale=max(leaf.abs().max().item() for leaf in [ys_ref, *tree_flatten(final_ref)[0]]),
+        out_scale=max(leaf.abs().max().item() for leaf in [ys_torch, *tree_flatten(final_torch)[0]]),
         grad_scale=max(g.abs().max().item() for g in torch_grads),
     )
