@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from scripts.bench import bench
 from scripts.parity_command import parity
 from scripts.train_command import compare, predict, train
 
@@ -19,6 +20,7 @@ app.command()(train)
 app.command()(compare)
 app.command()(predict)
 app.command()(parity)
+app.command()(bench)
 
 if __name__ == "__main__":
     app()
