@@ -261,13 +261,13 @@ def _table(rows: list[Row], workload: Workload, reps: int) -> Table:
 
 def bench(
     quick: Annotated[bool, typer.Option("--quick", help=f"{QUICK.sequences} sequences x {QUICK.length} steps, hidden 51, 3 reps: a smoke run.")] = False,
-    arch: Annotated[Optional[list[str]], typer.Option(help="Arch(s), repeatable or comma-separated.  [default: lstm,gru,rnn_tanh]", show_default=False)] = None,
-    dtype: Annotated[Optional[list[str]], typer.Option(help="float64 and/or float32, repeatable or comma-separated.  [default: both]", show_default=False)] = None,
-    hidden: Annotated[Optional[list[str]], typer.Option(help="Hidden size(s), repeatable or comma-separated.  [default: 51,256; 51 with --quick]", show_default=False)] = None,
-    reps: Annotated[Optional[str], typer.Option(metavar="INT", help="Timed rounds after the warm-up (median of these; >= 3).  [default: 5; 3 with --quick]", show_default=False)] = None,
+    arch: Annotated[Optional[list[str]], typer.Option(metavar="NAMES", help="Arch(s), repeatable or comma-separated. (default: lstm,gru,rnn_tanh)", show_default=False)] = None,
+    dtype: Annotated[Optional[list[str]], typer.Option(metavar="DTYPES", help="float64 and/or float32, repeatable or comma-separated. (default: both)", show_default=False)] = None,
+    hidden: Annotated[Optional[list[str]], typer.Option(metavar="INTS", help="Hidden size(s), repeatable or comma-separated. (default: 51,256; 51 with --quick)", show_default=False)] = None,
+    reps: Annotated[Optional[str], typer.Option(metavar="INT", help="Timed rounds after the warm-up (median of these; >= 3). (default: 5; 3 with --quick)", show_default=False)] = None,
     threads: Annotated[str, typer.Option(metavar="INT", help="torch intra-op threads.")] = "1",
-    sequences: Annotated[Optional[str], typer.Option(metavar="INT", help=f"Override the number of sequences.  [default: {FULL.sequences}; {QUICK.sequences} with --quick]", show_default=False)] = None,
-    length: Annotated[Optional[str], typer.Option(metavar="INT", help=f"Override the time steps per sequence.  [default: {FULL.length}; {QUICK.length} with --quick]", show_default=False)] = None,
+    sequences: Annotated[Optional[str], typer.Option(metavar="INT", help=f"Override the number of sequences. (default: {FULL.sequences}; {QUICK.sequences} with --quick)", show_default=False)] = None,
+    length: Annotated[Optional[str], typer.Option(metavar="INT", help=f"Override the time steps per sequence. (default: {FULL.length}; {QUICK.length} with --quick)", show_default=False)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", metavar="FILE", help="Also write config, machine, rows (all medians, repetitions, ratios) and targets as JSON.", show_default=False)] = None,
 ) -> None:
     """Time functional predict / torch.func.grad against the example's nn cell loop and fused nn.LSTM/GRU/RNN (interleaved, one process)."""
