@@ -89,3 +89,9 @@ def gates_projection(params: Params, x: torch.Tensor) -> torch.Tensor:
 def hidden_projection(params: Params, h: torch.Tensor) -> torch.Tensor:
     """`h W_hh^T + b_hh`: `(*B, H) -> (*B, G*H)`."""
     return affine(h, params["weight_hh"], params.get("bias_hh"))
+
+
+def draw_uniform(tensor: torch.Tensor, low: float, high: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`tensor.uniform_(low, high)`, except on the meta device (shape-only templates): no draw there, so
+    building a template stays legal inside `torch.func.vmap` (which refuses random ops)."""
+    return tensor if tensor.is_meta else tensor.uniform_(low, high, generator=generator)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from functional.params import Params
+from functional.params import Params, draw_uniform
 from functional.registry import get_arch
 from functional.scan import scan
 from functional.validate import check_input, check_shape
@@ -20,8 +20,8 @@ def linear_init(input_size: int, output_size: int, *, generator=None, dtype=None
     weight_bound = math.sqrt(3.0) * gain / math.sqrt(input_size)
     bias_bound = 1 / math.sqrt(input_size)
     dtype = dtype or torch.get_default_dtype()
-    weight = torch.empty(output_size, input_size, dtype=dtype, device=device).uniform_(-weight_bound, weight_bound, generator=generator)
-    bias = torch.empty(output_size, dtype=dtype, device=device).uniform_(-bias_bound, bias_bound, generator=generator)
+    weight = draw_uniform(torch.empty(output_size, input_size, dtype=dtype, device=device), -weight_bound, weight_bound, generator)
+    bias = draw_uniform(torch.empty(output_size, dtype=dtype, device=device), -bias_bound, bias_bound, generator)
     return {"weight": weight, "bias": bias}
 
 
@@ -76,8 +76,8 @@ def _check_predictor(arch: str, params: Params) -> tuple[list[dict[str, torch.Te
 def predict(arch: str, params: Params, inputs: torch.Tensor, *, future: int = 0, carry: list[Any] | None = None) -> tuple[torch.Tensor, list[Any]]:
     """Run the predictor over `inputs` (teacher forcing), then forecast `future` more steps.
 
-    Each layer runs over all T steps at once (one input matmul for the whole sequence, then a
-    scan), which equals the step-interleaved loop of the PyTorch example. The forecast feeds each
+    Each layer runs over all T steps at once (one input matmul for the whole sequence, then the
+    arch's `sequence` with its hand-derived backward, or a scan of its `recurrence`), which equals the step-interleaved loop of the PyTorch example. The forecast feeds each
     output back as the next input, so it needs `output_size == input_size`.
 
     Args:
@@ -107,7 +107,10 @@ def predict(arch: str, params: Params, inputs: torch.Tensor, *, future: int = 0,
     hidden = inputs
     for layer, cell in enumerate(cells):
         projected = spec.project(cell, hidden)  # (T, *B, G*H): all steps in one matmul
-        carry[layer], hidden = scan(lambda c, x, cell=cell: spec.recurrence(cell, c, x), carry[layer], projected)
+        if spec.sequence is not None:  # the whole sequence at once, with a hand-written backward
+            carry[layer], hidden = spec.sequence(cell, carry[layer], projected)
+        else:
+            carry[layer], hidden = scan(lambda c, x, cell=cell: spec.recurrence(cell, c, x), carry[layer], projected)
     outputs = [head(hidden)]  # (T, *B, O)
     output = outputs[0][-1]
     forecast = []

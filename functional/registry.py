@@ -1,4 +1,4 @@
-"""The arch table: name -> (init, cell, recurrence, initial carry); everything else loops over it."""
+"""The arch table: name -> (init, cell, recurrence, sequence, initial carry); everything else loops over it."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
+from functional.bptt import gru_sequence, lstm_sequence, rnn_sequence
 from functional.gru import gru_cell, gru_recurrence
 from functional.lstm import LSTMCarry, lstm_cell, lstm_recurrence
-from functional.params import Params, cell_param_shapes, check_cell_params, gates_projection, input_projection
+from functional.params import Params, cell_param_shapes, check_cell_params, draw_uniform, gates_projection, input_projection
 from functional.rnn import rnn_cell, rnn_recurrence
 from functional.sru import sru_cell, sru_init, sru_projection, sru_recurrence, sru_sizes
 
@@ -23,7 +24,7 @@ def uniform_init(
     """Torch's default `U(-1/sqrt(H), 1/sqrt(H))`, drawn key by key in the given (torch's) order."""
     bound = 1.0 / math.sqrt(hidden_size) if hidden_size > 0 else 0.0
     dtype = dtype or torch.get_default_dtype()
-    return {key: torch.empty(shape, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator) for key, shape in shapes.items()}
+    return {key: draw_uniform(torch.empty(shape, dtype=dtype, device=device), -bound, bound, generator) for key, shape in shapes.items()}
 
 
 def _gated_init(gates: int) -> Callable[..., dict[str, torch.Tensor]]:
@@ -60,6 +61,9 @@ class Arch:
     supports_projection: bool = False  # LSTM's proj_size
     layered: bool = True  # has an nn.RNN/LSTM/GRU-style layered form (run_layers)
     buffers: frozenset[str] = frozenset()  # param keys that are constants, never trained (SRU's scale_x)
+    # (params, carry, x_projected (T, *B, G*H)) -> (carry, ys (T, *B, H)): the whole sequence with a
+    # hand-derived backward (functional/bptt.py); equals scanning `recurrence`. None: scan it.
+    sequence: Callable[[Params, Any, torch.Tensor], tuple[Any, torch.Tensor]] | None = None
 
 
 def _gated_sizes(gates: int, allow_projection: bool = False) -> Callable[[Params], tuple[int, int]]:
@@ -71,10 +75,10 @@ def _gated_sizes(gates: int, allow_projection: bool = False) -> Callable[[Params
 
 
 ARCHS: dict[str, Arch] = {
-    "rnn_tanh": Arch("rnn_tanh", 1, _gated_init(1), partial(rnn_cell, nonlinearity="tanh"), gates_projection, partial(rnn_recurrence, nonlinearity="tanh"), _zeros_carry, _gated_sizes(1)),
-    "rnn_relu": Arch("rnn_relu", 1, _gated_init(1), partial(rnn_cell, nonlinearity="relu"), gates_projection, partial(rnn_recurrence, nonlinearity="relu"), _zeros_carry, _gated_sizes(1)),
-    "lstm": Arch("lstm", 4, _gated_init(4), lstm_cell, gates_projection, lstm_recurrence, _lstm_zeros_carry, _gated_sizes(4, True), supports_projection=True),
-    "gru": Arch("gru", 3, _gated_init(3), gru_cell, input_projection, gru_recurrence, _zeros_carry, _gated_sizes(3)),
+    "rnn_tanh": Arch("rnn_tanh", 1, _gated_init(1), partial(rnn_cell, nonlinearity="tanh"), gates_projection, partial(rnn_recurrence, nonlinearity="tanh"), _zeros_carry, _gated_sizes(1), sequence=partial(rnn_sequence, nonlinearity="tanh")),
+    "rnn_relu": Arch("rnn_relu", 1, _gated_init(1), partial(rnn_cell, nonlinearity="relu"), gates_projection, partial(rnn_recurrence, nonlinearity="relu"), _zeros_carry, _gated_sizes(1), sequence=partial(rnn_sequence, nonlinearity="relu")),
+    "lstm": Arch("lstm", 4, _gated_init(4), lstm_cell, gates_projection, lstm_recurrence, _lstm_zeros_carry, _gated_sizes(4, True), supports_projection=True, sequence=lstm_sequence),
+    "gru": Arch("gru", 3, _gated_init(3), gru_cell, input_projection, gru_recurrence, _zeros_carry, _gated_sizes(3), sequence=gru_sequence),
     "sru": Arch(
         "sru", 0, sru_init, sru_cell, sru_projection, sru_recurrence, _zeros_carry, lambda params, prefix="": sru_sizes(params, prefix)[:2], layered=False, buffers=frozenset({"scale_x"})
     ),

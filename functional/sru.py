@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from functional.params import Params, affine
+from functional.params import Params, affine, draw_uniform
 from functional.scan import scan
 from functional.validate import check_dtype, check_input, check_keys, check_shape
 
@@ -112,11 +112,11 @@ def sru_init(input_size: int, hidden_size: int, *, generator=None, dtype=None, d
     matrices = 3 if input_size == hidden_size else 4
     scale = math.sqrt(1 + math.exp(0.0) * 2) if rescale else 1.0
     weight = torch.empty(input_size, hidden_size * matrices, dtype=dtype, device=device)
-    weight.uniform_(-((3.0 / input_size) ** 0.5), (3.0 / input_size) ** 0.5, generator=generator)
+    draw_uniform(weight, -((3.0 / input_size) ** 0.5), (3.0 / input_size) ** 0.5, generator)
     w = weight.view(input_size, 1, hidden_size, matrices)
     if rescale and matrices == 4:
         w[:, :, :, 3].mul_(scale)
-    weight_c = torch.empty(2 * hidden_size, dtype=dtype, device=device).uniform_(-(3.0**0.5), 3.0**0.5, generator=generator).mul_(0.5**0.5)
+    weight_c = draw_uniform(torch.empty(2 * hidden_size, dtype=dtype, device=device), -(3.0**0.5), 3.0**0.5, generator).mul_(0.5**0.5)
     w[:, :, :, 1].mul_(0.5**0.5)
     w[:, :, :, 2].mul_(0.5**0.5)
     return {
