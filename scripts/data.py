@@ -10,6 +10,9 @@ import torch
 from einops import rearrange
 
 
+MAX_FUTURE = 100_000  # forecast steps: 100x the example's 1000; each step is a sequential pass through every cell
+
+
 class DataError(ValueError):
     """A data file or option the training cannot use; the message is one line for the user."""
 
@@ -60,6 +63,8 @@ def _parse_csv(path: Path) -> np.ndarray:
         for column, cell in enumerate(cells, start=1):
             if not _is_number(cell):
                 raise DataError(f"--data {path}: line {line_number}, column {column}: {cell!r} is not a number")
+            if not np.isfinite(float(cell)):
+                raise DataError(f"--data {path}: line {line_number}, column {column}: non-finite value {cell!r}; expected finite numbers")
         if width is not None and len(cells) != width:
             raise DataError(f"--data {path}: line {line_number} has {len(cells)} values, expected {width} like the lines before")
         width = len(cells)
@@ -107,6 +112,29 @@ def load_array(path: str | Path) -> np.ndarray:
     return array
 
 
+def check_future(future: int) -> None:
+    """`--future` must fit in memory and time: 0 <= future <= MAX_FUTURE."""
+    if not isinstance(future, int) or isinstance(future, bool) or not 0 <= future <= MAX_FUTURE:
+        raise DataError(f"--future: expected an int in [0, {MAX_FUTURE}], got {future}")
+
+
+def check_device(device: str) -> None:
+    """A device torch knows and this machine has; a DataError naming --device otherwise."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DataError(f"--device {device}: expected cpu, cuda, cuda:N or auto") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise DataError(f"--device {device}: expected an index below {torch.cuda.device_count()} (the CUDA devices here), got {parsed.index}")
+    elif parsed.type not in ("cpu", "mps"):
+        raise DataError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise DataError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+
+
 def _tensor(series: np.ndarray, dtype: torch.dtype, device: str) -> torch.Tensor:
     """`(N, T)` series -> time-major `(T, N, 1)`."""
     return rearrange(torch.from_numpy(np.ascontiguousarray(series)), "n t -> t n 1").to(dtype=dtype, device=device)
@@ -125,8 +153,8 @@ def make_dataset(
       precedes is cut into training windows of `window` points and is the test input.
     Values are standardized with the training part's mean and std (or the given `stats`).
     """
-    if future < 0:
-        raise DataError(f"--future: expected an int >= 0, got {future}")
+    check_future(future)
+    check_device(device)
     if data is None:
         array, description = sine_waves(), "sine waves (pytorch/examples time_sequence_prediction)"
     else:

@@ -21,7 +21,7 @@ from functional.registry import ARCHS
 from scripts.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
 from scripts.data import DataError, make_dataset
 from scripts.plots import plot_forecast
-from scripts.train import DEFAULT_LR, DTYPES, Diverged, RunResult, StepEvent, TrainConfig, load_data, resolve_device, run
+from scripts.train import DEFAULT_LR, DTYPES, Diverged, Interrupted, RunResult, StepEvent, TrainConfig, check_config, load_data, resolve_device, run
 
 ArchName = Enum("ArchName", {name: name for name in ARCHS}, type=str)  # type: ignore[misc]
 
@@ -93,8 +93,10 @@ def _config(given: dict[str, object]) -> TrainConfig:
         raise fail("--arch: missing; expected one of " + ", ".join(ARCHS))
     config = TrainConfig(**{key: value for key, value in given.items() if key != "lr"})
     config.lr = given.get("lr", DEFAULT_LR[config.optimizer])  # type: ignore[assignment]
-    if config.future < 0:
-        raise fail(f"--future: expected an int >= 0, got {config.future}")
+    try:
+        check_config(config)
+    except ValueError as error:
+        raise fail(str(error)) from None
     return config
 
 
@@ -134,6 +136,12 @@ def _train_one(config: TrainConfig, out: Path, data, *, resume_from=None, pdf: b
         except Diverged as error:
             progress.stop()
             raise fail(str(error), code=1) from None
+        except Interrupted as error:
+            progress.stop()
+            raise fail(str(error), code=130) from None
+        except OSError as error:  # e.g. the disk filled up or --out became unwritable mid-run; the last checkpoint stays
+            progress.stop()
+            raise fail(f"--out {out}: cannot write {error.filename or 'the run'} ({error.strerror or error}); the last saved checkpoint is kept") from None
         except (DataError, CheckpointError, ValueError) as error:
             progress.stop()
             raise fail(str(error)) from None
