@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import platform
@@ -161,8 +162,12 @@ def check_agreement(label: str, dtype: str, results: dict[tuple[str, str], tuple
     return loss.item(), loss_difference, grad_difference
 
 
-def measure(arch: str, dtype: str, hidden: int, workload: Workload, reps: int, *, seed: int = 0) -> Row:
-    """Check that all implementations agree (this is also the warm-up), then time `reps` interleaved rounds."""
+def measure(arch: str, dtype: str, hidden: int, workload: Workload, reps: int, *, seed: int = 0, on_round: Callable[[int], None] = lambda done: None) -> Row:
+    """Check that all implementations agree (this is also the warm-up), then time `reps` interleaved rounds.
+
+    `on_round(k)` is called before round k (0: the warm-up and check; 1..reps: the timed rounds).
+    """
+    on_round(0)
     generator = torch.Generator().manual_seed(seed)
     params = {key: value.to(DTYPES[dtype]) for key, value in init_predictor(arch, 1, hidden, layers=LAYERS, generator=generator).items()}  # float32 draws, as the example
     inputs, target = workload_data(workload, DTYPES[dtype])
@@ -175,6 +180,7 @@ def measure(arch: str, dtype: str, hidden: int, workload: Workload, reps: int, *
     gc.disable()  # as timeit does: a collection would land on whichever call happens to be running
     try:
         for rep in range(reps):
+            on_round(rep + 1)
             for key in keys[rep % len(keys) :] + keys[: rep % len(keys)]:  # round-robin, starting one further each round
                 start = time.perf_counter()
                 calls[key]()
@@ -247,6 +253,22 @@ def _int(option: str, value: str, minimum: int) -> int:
     return number
 
 
+def _measure_with_status(console: Console, arch: str, dtype: str, hidden: int, workload: Workload, reps: int) -> Row:
+    """`measure` with a live status line (round k of reps), then one summary line; a Mismatch is one line and exit 1."""
+    start = time.perf_counter()
+    label = f"{arch} {dtype} hidden {hidden}"
+    with console.status(label) as status:
+        try:
+            row = measure(arch, dtype, hidden, workload, reps,
+                          on_round=lambda done: status.update(f"{label}: " + (f"round {done}/{reps}" if done else "warm-up and agreement check")))
+        except Mismatch as error:
+            status.stop()
+            raise fail(str(error), code=1) from None
+    console.print(f"[dim]{label}: loss {row.loss:.10e}, all agree to {row.loss_relative_difference:.0e} (grads {row.grad_relative_difference:.0e}); "
+                  f"{time.perf_counter() - start:.1f} s[/]", highlight=False)
+    return row
+
+
 def _table(rows: list[Row], workload: Workload, reps: int) -> Table:
     table = Table(title=f"median of {reps} (ms) on {workload.sequences} sequences x {workload.length} steps; ratios: functional / baseline")
     columns = ("arch", "dtype", "hidden", "fn fwd", "fn grad", "cell fwd", "cell f+b", "fused fwd", "fused f+b", "fwd /cell", "fwd /fused", "grad /cell", "grad /fused")
@@ -257,6 +279,23 @@ def _table(rows: list[Row], workload: Workload, reps: int) -> Table:
         ratios = [f"{row.ratios[pass_][base]:.2f}x" for pass_ in PASSES for base in ("cell_loop", "fused")]
         table.add_row(row.arch, row.dtype, str(row.hidden), *times, *ratios)
     return table
+
+
+def _print_targets(console: Console, rows: list[Row]) -> list[dict[str, Any]]:
+    """Judge issue 6's targets, print them as a PASS/MISS table and a count, and return the verdicts."""
+    targets = judge_targets(rows)
+    if not targets:
+        console.print(f"targets: none measured (they concern {' and '.join(TARGET_ARCHS)})")
+        return targets
+    table = Table(title="issue 6 targets (functional forward+grad / baseline forward+backward)")
+    for column in ("arch", "dtype", "hidden", "baseline", "ratio", "limit", "verdict"):
+        table.add_column(column, justify="right" if column in ("hidden", "ratio", "limit") else "left", no_wrap=True)
+    for verdict in targets:
+        table.add_row(verdict["arch"], verdict["dtype"], str(verdict["hidden"]), verdict["baseline"], f"{verdict['ratio']:.2f}x", f"{verdict['limit']:.1f}x",
+                      "[green]PASS[/]" if verdict["pass"] else "[red]MISS[/]")
+    console.print(table)
+    console.print(f"targets: {sum(verdict['pass'] for verdict in targets)}/{len(targets)} pass")
+    return targets
 
 
 def bench(
@@ -291,38 +330,14 @@ def bench(
         console.print(f"machine: {info['platform']}; {info['cpu']}; {info['cores']} cores ({info['usable_cores']} usable)")
         console.print(f"torch {info['torch']}, {info['torch_threads']} thread(s), python {info['python']}; "
                       f"{workload.sequences} sequences x {workload.length} steps, {LAYERS} stacked cells + linear head, median of {reps_n} after 1 warm-up")
-        rows = []
-        for arch_name in archs:
-            for dtype_name in dtypes:
-                for hidden_size in hiddens:
-                    start = time.perf_counter()
-                    try:
-                        row = measure(arch_name, dtype_name, hidden_size, workload, reps_n)
-                    except Mismatch as error:
-                        raise fail(str(error), code=1) from None
-                    rows.append(row)
-                    console.print(f"[dim]{arch_name} {dtype_name} hidden {hidden_size}: loss {row.loss:.10e}, all agree to {row.loss_relative_difference:.0e} "
-                                  f"(grads {row.grad_relative_difference:.0e}); {time.perf_counter() - start:.1f} s[/]", highlight=False)
+        rows = [_measure_with_status(console, *config, workload, reps_n) for config in itertools.product(archs, dtypes, hiddens)]
     finally:
         torch.set_num_threads(previous_threads)
     console.print(_table(rows, workload, reps_n))
     console.print("fn: functional predict (fwd: under no_grad; grad: torch.func.grad_and_value of the MSE loss)\n"
                   "cell: the example's nn cells stepped in Python; fused: nn.LSTM/GRU/RNN(num_layers=2) + nn.Linear (f+b: forward + .backward())", highlight=False)
-    targets = None
-    if workload == FULL:
-        targets = judge_targets(rows)
-        targets_table = Table(title="issue 6 targets (functional forward+grad / baseline forward+backward)")
-        for column in ("arch", "dtype", "hidden", "baseline", "ratio", "limit", "verdict"):
-            targets_table.add_column(column, justify="right" if column in ("hidden", "ratio", "limit") else "left", no_wrap=True)
-        for verdict in targets:
-            targets_table.add_row(verdict["arch"], verdict["dtype"], str(verdict["hidden"]), verdict["baseline"], f"{verdict['ratio']:.2f}x", f"{verdict['limit']:.1f}x",
-                                  "[green]PASS[/]" if verdict["pass"] else "[red]MISS[/]")
-        if targets:
-            console.print(targets_table)
-            console.print(f"targets: {sum(v['pass'] for v in targets)}/{len(targets)} pass")
-        else:
-            console.print("targets: none measured (they concern lstm and gru)")
-    else:
+    targets = _print_targets(console, rows) if workload == FULL else None
+    if targets is None:
         console.print(f"targets: judged on the full workload only ({FULL.sequences} x {FULL.length}: no --quick, --sequences or --length)")
     if json_path is not None:
         config = {"workload": asdict(workload), "full_workload": workload == FULL, "layers": LAYERS, "input_size": 1, "reps": reps_n, "warmup": 1,
