@@ -210,7 +210,19 @@ CONFIG_FIELDS: dict[str, tuple[Any, str]] = {
     "window": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
 }
 REQUIRED_CONFIG = ("arch", "imp", "hidden", "layers", "dtype", "optimizer")  # what the tensors mean; the rest has defaults
-HISTORY_FIELDS = {"step": _is_int, "train_loss": _is_number, "test_loss": _is_number, "evaluations": _is_int, "wall_s": _is_number}
+def _is_loss(value: Any) -> bool:
+    """One loss, or one per ensemble member."""
+    return _is_number(value) or (isinstance(value, list) and len(value) > 0 and all(_is_number(item) for item in value))
+
+
+# history entry field -> (check, expected, required)
+HISTORY_FIELDS = {
+    "step": (_is_int, "an int", True),
+    "train_loss": (_is_loss, "a number (or a list of numbers)", True),
+    "test_loss": (_is_loss, "a number (or a list of numbers)", True),
+    "evaluations": (_is_int, "an int", False),
+    "wall_s": (_is_number, "a number", False),
+}
 
 
 def _check_meta(path: Path, meta: dict[str, Any]) -> None:
@@ -228,9 +240,9 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
     for index, entry in enumerate(history):
         if not isinstance(entry, dict):
             raise CheckpointError(f"{path}: history[{index}]: expected a dict, got {type(entry).__name__}")
-        for field, check in HISTORY_FIELDS.items():
-            if not check(entry.get(field)):
-                raise CheckpointError(f"{path}: history[{index}][{field!r}]: expected a number, got {entry.get(field)!r}")
+        for field, (check, expected, required) in HISTORY_FIELDS.items():
+            if (required or field in entry) and not check(entry.get(field)):
+                raise CheckpointError(f"{path}: history[{index}][{field!r}]: expected {expected}, got {entry.get(field)!r}")
         if entry["step"] != index:
             raise CheckpointError(f"{path}: history[{index}]['step']: expected {index}, got {entry['step']}")
     stats = meta["data_stats"]

@@ -203,13 +203,12 @@ def run(
     dtype = DTYPES[config.dtype]
     data = data or load_data(config, resume_from)
     if resume_from:
-        check_params_fit(config, resume_from.params, out)
+        check_resume(config, resume_from, out)
     params = {k: v.to(device=device, dtype=dtype).clone() for k, v in resume_from.params.items()} if resume_from else initial_params(config, device)
     model = MODELS[config.imp](config, params)
     optimizer = make_optimizer(config, model.tensors())
     history: list[dict[str, Any]] = list(resume_from.history) if resume_from else []
     if resume_from and resume_from.optimizer:
-        check_optimizer_state(resume_from.optimizer, optimizer, out)
         try:
             optimizer.load_state_dict(_to_device(resume_from.optimizer, device))
         except (ValueError, KeyError, RuntimeError, TypeError) as error:
@@ -337,6 +336,15 @@ def _interrupted_message(out: Path, completed: int, during: int | None) -> str:
     )
 
 
+def check_resume(config: TrainConfig, checkpoint: Checkpoint, out: Path) -> None:
+    """Before a resumed run builds anything: the checkpoint's params and optimizer state fit `config` (CheckpointError otherwise)."""
+    check_params_fit(config, checkpoint.params, out)
+    if checkpoint.optimizer:
+        constants = get_arch(config.arch).buffers
+        shapes = [value.shape for key, value in checkpoint.params.items() if key.rsplit(".", 1)[-1] not in constants]
+        check_optimizer_state(checkpoint.optimizer, make_optimizer(config, [torch.empty(shape, device="meta", requires_grad=True) for shape in shapes]), out)
+
+
 def check_params_fit(config: TrainConfig, params: dict[str, torch.Tensor], out: Path) -> None:
     """The checkpoint's params must be exactly the keys and shapes of a `config.arch` predictor of this size."""
     expected = init_predictor(config.arch, 1, config.hidden, layers=config.layers, device="meta")
@@ -354,7 +362,12 @@ def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, out: Pat
     """Validate a saved optimizer state_dict against the fresh `optimizer` before loading it (CheckpointError otherwise)."""
 
     def bad(where: str, expected: str, got: Any) -> CheckpointError:
-        shown = f"shape {tuple(got.shape)}" if isinstance(got, torch.Tensor) else repr(got) if not isinstance(got, (list, dict)) else type(got).__name__
+        if isinstance(got, torch.Tensor):
+            shown = f"shape {tuple(got.shape)}"
+        elif isinstance(got, (list, dict)) and not (isinstance(got, list) and all(isinstance(item, (str, int)) for item in got)):
+            shown = type(got).__name__
+        else:
+            shown = repr(got)
         return CheckpointError(f"{out}: optimizer state {where}: expected {expected}, got {shown}")
 
     fresh = optimizer.state_dict()
