@@ -110,7 +110,10 @@ def workload_data(workload: Workload, dtype: torch.dtype) -> tuple[torch.Tensor,
     return series[:-1], series[1:]
 
 
-def implementations(arch: str, params: dict[str, torch.Tensor], inputs: torch.Tensor, target: torch.Tensor) -> dict[tuple[str, str], Callable[[], tuple[torch.Tensor, dict | None]]]:
+Call = Callable[[], tuple[torch.Tensor, Optional[dict[str, torch.Tensor]]]]  # () -> (loss, grads keyed like params, or None)
+
+
+def implementations(arch: str, params: dict[str, torch.Tensor], inputs: torch.Tensor, target: torch.Tensor) -> dict[tuple[str, str], Call]:
     """`(implementation, pass) -> call`; each call returns `(loss, grads keyed like params or None)`."""
     cell_loop = to_torch_predictor(arch, params)
     fused, fused_names = to_fused(arch, params)
@@ -146,7 +149,7 @@ def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value - reference).abs().max() / reference.abs().max().clamp_min(torch.finfo(reference.dtype).tiny)).item()
 
 
-def check_agreement(label: str, dtype: str, results: dict[tuple[str, str], tuple[torch.Tensor, dict | None]]) -> tuple[float, float, float]:
+def check_agreement(label: str, dtype: str, results: dict[tuple[str, str], tuple[torch.Tensor, Optional[dict[str, torch.Tensor]]]]) -> tuple[float, float, float]:
     """`(loss, loss Δ, grad Δ)` against functional forward+grad; raises Mismatch beyond LOSS_TOLERANCE / GRAD_TOLERANCE."""
     loss, grads = results[("functional", "grad")]
     loss_difference = max(_relative(other, loss) for other, _ in results.values())
@@ -169,7 +172,8 @@ def measure(arch: str, dtype: str, hidden: int, workload: Workload, reps: int, *
     """
     on_round(0)
     generator = torch.Generator().manual_seed(seed)
-    params = {key: value.to(DTYPES[dtype]) for key, value in init_predictor(arch, 1, hidden, layers=LAYERS, generator=generator).items()}  # float32 draws, as the example
+    drawn = init_predictor(arch, 1, hidden, layers=LAYERS, generator=generator)  # float32 draws, then cast, as the example
+    params = {key: value.to(DTYPES[dtype]) for key, value in drawn.items()}
     inputs, target = workload_data(workload, DTYPES[dtype])
     calls = implementations(arch, params, inputs, target)
     loss, loss_difference, grad_difference = check_agreement(f"{arch} {dtype} hidden {hidden}", dtype, {key: call() for key, call in calls.items()})
@@ -201,7 +205,8 @@ def judge_targets(rows: list[Row]) -> list[dict[str, Any]]:
         for dtype, base, limit in TARGETS:
             if row.arch in TARGET_ARCHS and row.dtype == dtype:
                 ratio = row.ratios["grad"][base]
-                verdicts.append({"arch": row.arch, "dtype": dtype, "hidden": row.hidden, "baseline": base, "ratio": ratio, "limit": limit, "pass": ratio <= limit})
+                verdicts.append({"arch": row.arch, "dtype": dtype, "hidden": row.hidden, "baseline": base,
+                                 "ratio": ratio, "limit": limit, "pass": ratio <= limit})
     return verdicts
 
 
@@ -271,7 +276,8 @@ def _measure_with_status(console: Console, arch: str, dtype: str, hidden: int, w
 
 def _table(rows: list[Row], workload: Workload, reps: int) -> Table:
     table = Table(title=f"median of {reps} (ms) on {workload.sequences} sequences x {workload.length} steps; ratios: functional / baseline")
-    columns = ("arch", "dtype", "hidden", "fn fwd", "fn grad", "cell fwd", "cell f+b", "fused fwd", "fused f+b", "fwd /cell", "fwd /fused", "grad /cell", "grad /fused")
+    columns = ("arch", "dtype", "hidden", "fn fwd", "fn grad", "cell fwd", "cell f+b", "fused fwd", "fused f+b",
+               "fwd /cell", "fwd /fused", "grad /cell", "grad /fused")
     for column in columns:
         table.add_column(column, justify="left" if column in ("arch", "dtype") else "right", no_wrap=True)
     for row in rows:
@@ -279,6 +285,18 @@ def _table(rows: list[Row], workload: Workload, reps: int) -> Table:
         ratios = [f"{row.ratios[pass_][base]:.2f}x" for pass_ in PASSES for base in ("cell_loop", "fused")]
         table.add_row(row.arch, row.dtype, str(row.hidden), *times, *ratios)
     return table
+
+
+# Options: ints are parsed here (not by click) so that every bad value is one line and exit 2, like fail().
+QuickOption = Annotated[bool, typer.Option("--quick", help=f"{QUICK.sequences} sequences x {QUICK.length} steps, hidden 51, 3 reps: a smoke run.")]
+ArchsOption = Annotated[Optional[list[str]], typer.Option(metavar="NAMES", help="Arch(s), repeatable or comma-separated. (default: lstm,gru,rnn_tanh)")]
+DTypesOption = Annotated[Optional[list[str]], typer.Option(metavar="DTYPES", help="float64 and/or float32, repeatable or comma-separated. (default: both)")]
+HiddensOption = Annotated[Optional[list[str]], typer.Option(metavar="INTS", help="Hidden size(s), repeatable or comma-separated. (default: 51,256; quick: 51)")]
+RepsOption = Annotated[Optional[str], typer.Option(metavar="INT", help="Timed rounds after the warm-up, >= 3. (default: 5; 3 with --quick)")]
+ThreadsOption = Annotated[str, typer.Option(metavar="INT", help="torch intra-op threads.")]
+SequencesOption = Annotated[Optional[str], typer.Option(metavar="INT", help=f"Sequences. (default: {FULL.sequences}; {QUICK.sequences} with --quick)")]
+LengthOption = Annotated[Optional[str], typer.Option(metavar="INT", help=f"Time steps per sequence. (default: {FULL.length}; {QUICK.length} with --quick)")]
+JsonOption = Annotated[Optional[Path], typer.Option("--json", metavar="FILE", help="Also write config, machine, rows (medians, every rep, ratios), targets.")]
 
 
 def _print_targets(console: Console, rows: list[Row]) -> list[dict[str, Any]]:
@@ -299,15 +317,15 @@ def _print_targets(console: Console, rows: list[Row]) -> list[dict[str, Any]]:
 
 
 def bench(
-    quick: Annotated[bool, typer.Option("--quick", help=f"{QUICK.sequences} sequences x {QUICK.length} steps, hidden 51, 3 reps: a smoke run.")] = False,
-    arch: Annotated[Optional[list[str]], typer.Option(metavar="NAMES", help="Arch(s), repeatable or comma-separated. (default: lstm,gru,rnn_tanh)", show_default=False)] = None,
-    dtype: Annotated[Optional[list[str]], typer.Option(metavar="DTYPES", help="float64 and/or float32, repeatable or comma-separated. (default: both)", show_default=False)] = None,
-    hidden: Annotated[Optional[list[str]], typer.Option(metavar="INTS", help="Hidden size(s), repeatable or comma-separated. (default: 51,256; 51 with --quick)", show_default=False)] = None,
-    reps: Annotated[Optional[str], typer.Option(metavar="INT", help="Timed rounds after the warm-up (median of these; >= 3). (default: 5; 3 with --quick)", show_default=False)] = None,
-    threads: Annotated[str, typer.Option(metavar="INT", help="torch intra-op threads.")] = "1",
-    sequences: Annotated[Optional[str], typer.Option(metavar="INT", help=f"Override the number of sequences. (default: {FULL.sequences}; {QUICK.sequences} with --quick)", show_default=False)] = None,
-    length: Annotated[Optional[str], typer.Option(metavar="INT", help=f"Override the time steps per sequence. (default: {FULL.length}; {QUICK.length} with --quick)", show_default=False)] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", metavar="FILE", help="Also write config, machine, rows (all medians, repetitions, ratios) and targets as JSON.", show_default=False)] = None,
+    quick: QuickOption = False,
+    arch: ArchsOption = None,
+    dtype: DTypesOption = None,
+    hidden: HiddensOption = None,
+    reps: RepsOption = None,
+    threads: ThreadsOption = "1",
+    sequences: SequencesOption = None,
+    length: LengthOption = None,
+    json_path: JsonOption = None,
 ) -> None:
     """Time functional predict / torch.func.grad against the example's nn cell loop and fused nn.LSTM/GRU/RNN (interleaved, one process)."""
     archs = _choices("--arch", arch, ARCHS, tuple(TORCH_MODULES))
@@ -316,7 +334,8 @@ def bench(
     reps_n = _int("--reps", reps, 3) if reps is not None else (3 if quick else 5)
     threads_n = _int("--threads", threads, 1)
     base = QUICK if quick else FULL
-    workload = Workload(_int("--sequences", sequences, 1) if sequences is not None else base.sequences, _int("--length", length, 1) if length is not None else base.length)
+    workload = Workload(_int("--sequences", sequences, 1) if sequences is not None else base.sequences,
+                        _int("--length", length, 1) if length is not None else base.length)
     if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
         raise fail(f"--json {json_path}: expected a file in an existing directory")
 
@@ -335,7 +354,8 @@ def bench(
         torch.set_num_threads(previous_threads)
     console.print(_table(rows, workload, reps_n))
     console.print("fn: functional predict (fwd: under no_grad; grad: torch.func.grad_and_value of the MSE loss)\n"
-                  "cell: the example's nn cells stepped in Python; fused: nn.LSTM/GRU/RNN(num_layers=2) + nn.Linear (f+b: forward + .backward())", highlight=False)
+                  "cell: the example's nn cells stepped in Python; fused: nn.LSTM/GRU/RNN(num_layers=2) + nn.Linear (f+b: forward + .backward())",
+                  highlight=False)
     targets = _print_targets(console, rows) if workload == FULL else None
     if targets is None:
         console.print(f"targets: judged on the full workload only ({FULL.sequences} x {FULL.length}: no --quick, --sequences or --length)")
