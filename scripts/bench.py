@@ -149,7 +149,7 @@ def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value - reference).abs().max() / reference.abs().max().clamp_min(torch.finfo(reference.dtype).tiny)).item()
 
 
-def check_agreement(label: str, dtype: str, results: dict[tuple[str, str], tuple[torch.Tensor, Optional[dict[str, torch.Tensor]]]]) -> tuple[float, float, float]:
+def check_agreement(label: str, dtype: str, results: dict[tuple[str, str], tuple[torch.Tensor, Optional[dict]]]) -> tuple[float, float, float]:
     """`(loss, loss Δ, grad Δ)` against functional forward+grad; raises Mismatch beyond LOSS_TOLERANCE / GRAD_TOLERANCE."""
     loss, grads = results[("functional", "grad")]
     loss_difference = max(_relative(other, loss) for other, _ in results.values())
