@@ -62,3 +62,41 @@ def plot_losses(paths: list[Path], history: list[dict[str, Any]], title: str) ->
     plt.legend()
     plt.grid(True, which="both", alpha=0.3)
     _save(figure, paths)
+
+
+def plot_ensemble_forecast(paths: list[Path], predictions: np.ndarray, known: int, *, title: str, truth: np.ndarray | None = None) -> None:
+    """`predictions: (K, known + future, M)`: each series' member mean (solid, then dotted) and its min-max band."""
+    figure = plt.figure(figsize=(30, 10))
+    plt.title(title, fontsize=30)
+    plt.xlabel("x", fontsize=20)
+    plt.ylabel("y", fontsize=20)
+    plt.xticks(fontsize=20)
+    plt.yticks(fontsize=20)
+    steps = np.arange(predictions.shape[1])
+    mean, low, high = predictions.mean(0), predictions.min(0), predictions.max(0)
+    for series in range(predictions.shape[2]):
+        color = COLORS[series % len(COLORS)]
+        plt.plot(steps[:known], mean[:known, series], color, linewidth=2.0)
+        plt.plot(steps[known:], mean[known:, series], color + ":", linewidth=2.0)
+        plt.fill_between(steps, low[:, series], high[:, series], color=color, alpha=0.2, linewidth=0, label=f"series {series}: min-max of {predictions.shape[0]} members")
+        if truth is not None:
+            plt.plot(steps[known : known + len(truth)], truth[:, series], color="0.5", linewidth=1.0, label="truth" if series == 0 else None)
+    plt.legend(fontsize=16)
+    _save(figure, paths)
+
+
+def plot_ensemble_losses(paths: list[Path], history: list[dict[str, Any]], title: str) -> None:
+    """Each member's train loss (solid) and test loss (dashed) per step, log scale."""
+    figure = plt.figure(figsize=(8, 5))
+    steps = [entry["step"] for entry in history]
+    train, test = np.array([entry["train_loss"] for entry in history]), np.array([entry["test_loss"] for entry in history])
+    for member in range(train.shape[1]):
+        color = f"C{member % 10}"
+        plt.semilogy(steps, train[:, member], color=color, label=f"member {member} train")
+        plt.semilogy(steps, test[:, member], color=color, linestyle="--", alpha=0.7)
+    plt.xlabel("step")
+    plt.ylabel("MSE (dashed: test)")
+    plt.title(title)
+    plt.legend(fontsize=8)
+    plt.grid(True, which="both", alpha=0.3)
+    _save(figure, paths)

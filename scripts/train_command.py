@@ -20,8 +20,9 @@ from functional.predictor import predict as functional_predict
 from functional.registry import ARCHS
 from scripts.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
 from scripts.data import DataError, make_dataset
-from scripts.plots import plot_forecast
-from scripts.train import DEFAULT_LR, DTYPES, Diverged, Interrupted, RunResult, StepEvent, TrainConfig, check_config, load_data, resolve_device, run
+from scripts.ensemble import LBFGS_COUPLES, check_ensemble, check_ensemble_resume, ensemble_forecast, member_seeds, run_ensemble
+from scripts.plots import plot_ensemble_forecast, plot_forecast
+from scripts.train import DEFAULT_LR, DTYPES, Diverged, Interrupted, RunResult, StepEvent, TrainConfig, check_config, check_resume, load_data, resolve_device, run
 
 ArchName = Enum("ArchName", {name: name for name in ARCHS}, type=str)  # type: ignore[misc]
 
@@ -171,10 +172,19 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory (its checkpoint fixes the options).", rich_help_panel=RUN, show_default=False)] = None,
     pdf: PdfOption = False,
     overwrite: OverwriteOption = False,
+    ensemble: Annotated[Optional[int], typer.Option(help="Train K models from seeds seed..seed+K-1 in one torch.func.vmap run (Adam); plots the mean forecast and its min-max band.", rich_help_panel=RUN, show_default=False)] = None,
 ) -> None:
     """Train two stacked cells on sine waves (pytorch/examples time_sequence_prediction); plots, metrics, checkpoint in --out."""
     given = _given(arch=arch, imp=imp, steps=steps, lr=lr, optimizer=optimizer, line_search=line_search, hidden=hidden, layers=layers,
                    future=future, dtype=dtype, seed=seed, data=data, test_series=test_series, window=window)
+    if ensemble is not None:
+        if ensemble < 1:
+            raise fail(f"--ensemble: expected an int >= 1 (members), got {ensemble}")
+        if given.get("optimizer") == "lbfgs":
+            raise fail(f"--ensemble {ensemble} with --optimizer lbfgs: {LBFGS_COUPLES}")
+        if resume is None:
+            given.setdefault("optimizer", "adam")
+    members = ensemble
     resume_from = None
     if resume is not None:
         if out is not None and out.resolve() != resume.resolve():
@@ -190,15 +200,70 @@ def train(
         if config.arch not in ARCHS:
             raise fail(f"{resume}: the checkpoint's arch {config.arch!r} is not registered; expected one of {', '.join(ARCHS)}")
         config.steps = given.get("steps", config.steps)  # type: ignore[assignment]
+        saved_members = resume_from.config.get("ensemble")
+        if members is not None and members != saved_members:
+            raise fail(f"--ensemble {members}: the checkpoint in {resume} was trained with {f'--ensemble {saved_members}' if saved_members else 'no ensemble'}; only --steps may change on --resume")
+        members = saved_members
+        try:
+            if members is None:
+                check_resume(config, resume_from, resume)  # params and optimizer state fit the config, before anything runs
+            else:
+                check_ensemble_resume(config, members, resume_from, resume)
+        except CheckpointError as error:
+            raise fail(str(error)) from None
         out = resume
     else:
         config = _config(given)
-        out = out or Path("runs") / f"{config.arch}-{config.imp}"
+        if members is not None:
+            try:
+                check_ensemble(config, members)
+            except ValueError as error:
+                raise fail(str(error)) from None
+        out = out or Path("runs") / (f"{config.arch}-ensemble{members}" if members else f"{config.arch}-{config.imp}")
     config.device = resolve_device(device)
     data = _load_data(config, resume_from)
     _prepare_out(out, overwrite, resume is not None)
+    if members is not None:
+        _train_ensemble(config, members, out, data, resume_from=resume_from, pdf=pdf)
+        return
     result = _train_one(config, out, data, resume_from=resume_from, pdf=pdf)
     console.print(f"wrote {out}/predict*.png, loss.png, metrics.json, checkpoint.safetensors ({len(result.history)} steps)")
+
+
+def _train_ensemble(config: TrainConfig, members: int, out: Path, data, *, resume_from=None, pdf: bool = False) -> None:
+    """`cells train --ensemble K`: progress per step, then each member's losses in a table."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("mean loss {task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=False,
+    ) as progress:
+        start = resume_from.step if resume_from else 0
+        task = progress.add_task(f"{config.arch} ensemble of {members}", total=config.steps, completed=start, loss="-")
+
+        def on_event(event: StepEvent) -> None:
+            progress.update(task, loss=f"{event.loss:.4e}", completed=event.step + 1)
+
+        try:
+            result = run_ensemble(config, members, out, data=data, resume_from=resume_from, pdf=pdf, on_event=on_event)
+        except Diverged as error:
+            progress.stop()
+            raise fail(str(error), code=1) from None
+        except Interrupted as error:
+            progress.stop()
+            raise fail(str(error), code=130) from None
+        except OSError as error:
+            progress.stop()
+            raise fail(f"--out {out}: cannot write {error.filename or 'the run'} ({error.strerror or error}); the last saved checkpoint is kept") from None
+        except (DataError, CheckpointError, ValueError) as error:
+            progress.stop()
+            raise fail(str(error)) from None
+    table = Table(title=f"{config.arch}: {members} members trained in one vmapped run, {len(result.history)} Adam steps")
+    for column in ("member", "seed", "first train loss", "last train loss", "last test loss"):
+        table.add_column(column, justify="right", no_wrap=True)
+    first, last = result.history[0], result.history[-1]
+    for member, seed in enumerate(member_seeds(config, members)):
+        table.add_row(str(member), str(seed), f"{first['train_loss'][member]:.6e}", f"{last['train_loss'][member]:.6e}", f"{last['test_loss'][member]:.6e}")
+    console.print(table)
+    console.print(f"wrote {out}/ensemble.png, loss.png, metrics.json, checkpoint.safetensors ({len(result.history)} steps)")
 
 
 def compare(
@@ -277,13 +342,25 @@ def predict(
     try:
         dataset = make_dataset(str(data) if data else config.data, test_series=config.test_series, window=config.window, future=future, dtype=dtype, device=device_name, stats=saved.data_stats)
         params = {key: value.to(device=device_name, dtype=dtype) for key, value in saved.params.items()}
-        with torch.no_grad():
-            prediction = functional_predict(config.arch, params, dataset.test_input, future=future)[0]
+        members = saved.config.get("ensemble")
+        if members is not None:
+            check_ensemble_resume(config, members, dataclasses.replace(saved, optimizer={}), checkpoint)
+            prediction = ensemble_forecast(config.arch, params, dataset.test_input, future)  # (K, known + future, M, 1)
+        else:
+            with torch.no_grad():
+                prediction = functional_predict(config.arch, params, dataset.test_input, future=future)[0]
     except (DataError, ValueError) as error:
-        raise fail(f"--checkpoint {checkpoint}: {error}" if not isinstance(error, DataError) else str(error)) from None
+        raise fail(f"--checkpoint {checkpoint}: {error}" if not isinstance(error, (DataError, CheckpointError)) else str(error)) from None
     out = out or checkpoint
     _prepare_out(out, True, True)
-    values = dataset.to_original(prediction)
+    known, title = dataset.test_input.shape[0], f"{config.arch}: forecast of {future} steps (dotted) from {checkpoint}"
+    if members is not None:
+        values = np.stack([dataset.to_original(member) for member in prediction])  # (K, known + future, M)
+        plot_ensemble_forecast([out / "forecast.png"], values, known, truth=dataset.truth, title=f"{title}: mean of {members} members and min-max band")
+        shape = f"{values.shape[0]} members x {values.shape[1]} steps x {values.shape[2]} series"
+    else:
+        values = dataset.to_original(prediction)
+        plot_forecast([out / "forecast.png"], values, known, truth=dataset.truth, title=title)
+        shape = f"{values.shape[0]} steps x {values.shape[1]} series"
     np.save(out / "forecast.npy", values)
-    plot_forecast([out / "forecast.png"], values, dataset.test_input.shape[0], truth=dataset.truth, title=f"{config.arch}: forecast of {future} steps (dotted) from {checkpoint}")
-    console.print(f"wrote {out}/forecast.png and forecast.npy ({values.shape[0]} steps x {values.shape[1]} series)")
+    console.print(f"wrote {out}/forecast.png and forecast.npy ({shape})")
