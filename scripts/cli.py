@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from scripts.bench import bench
+from scripts.gradflow_command import gradflow
 from scripts.parity_command import parity
 from scripts.train_command import compare, predict, train
 
@@ -21,6 +22,7 @@ app.command()(compare)
 app.command()(predict)
 app.command()(parity)
 app.command()(bench)
+app.command()(gradflow)
 
 if __name__ == "__main__":
     app()

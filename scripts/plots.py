@@ -100,3 +100,34 @@ def plot_ensemble_losses(paths: list[Path], history: list[dict[str, Any]], title
     plt.legend(fontsize=8)
     plt.grid(True, which="both", alpha=0.3)
     _save(figure, paths)
+
+
+def plot_gradflow(paths: list[Path], results: dict[str, Any], title: str) -> None:
+    """Left: `||dL/ds_t||` of the top cell against the distance to the loss (log); right: the step Jacobian's norm along the trajectory.
+
+    `results[arch]["init" | "trained"]` hold `state_gradient_norms` (layers, T) and `jacobian_norms_median` (T,);
+    dashed lines are at init, solid after training.
+    """
+    figure, (flow, jacobian) = plt.subplots(1, 2, figsize=(16, 6), gridspec_kw={"width_ratios": [3, 2]})
+    for index, (arch, entry) in enumerate(results.items()):
+        color = f"C{index % 10}"
+        for when, style in (("init", "--"), ("trained", "-")):
+            if when not in entry:
+                continue
+            norms = np.asarray(entry[when]["state_gradient_norms"])[-1]  # top cell, (T,)
+            distance = norms.shape[0] - np.arange(norms.shape[0])  # s_t is T - t steps before the loss
+            label = f"{arch} ({when})" + (" (diverged: init only)" if when == "init" and "diverged" in entry else "")
+            flow.semilogy(distance, np.maximum(norms, np.finfo(float).tiny), color=color, linestyle=style, label=label)
+            jacobian.plot(np.asarray(entry[when]["jacobian_norms_median"]), color=color, linestyle=style, label=f"{arch} ({when})")
+    flow.set_xlabel("steps between the state and the loss (T - t)")
+    flow.set_ylabel("||dL/ds_t|| (top cell)")
+    flow.set_title("how much the last step's loss depends on the state at t")
+    flow.grid(True, which="major", alpha=0.3)
+    flow.legend(fontsize=8, ncol=2)
+    jacobian.set_xlabel("step t")
+    jacobian.set_ylabel("median ||ds_t/ds_{t-1}||_2 (top cell)")
+    jacobian.set_title("spectral norm of one step's Jacobian")
+    jacobian.grid(True, alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    _save(figure, paths)
