@@ -56,19 +56,19 @@ RUN = "Run"
 
 # Options shared by `train` and `compare`; None means "not given" (the TrainConfig default, or the checkpoint's on --resume).
 ArchOption = Annotated[Optional[ArchName], typer.Option(help="Cell architecture.", rich_help_panel=MODEL, show_default=False)]
-StepsOption = Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps.  [default: 15]", rich_help_panel=RUN, show_default=False)]
-LrOption = Annotated[Optional[float], typer.Option(min=0.0, help="Learning rate.  [default: 0.8 for lbfgs, 0.01 for adam]", rich_help_panel=RUN, show_default=False)]
-OptimizerOption = Annotated[Optional[OptimizerName], typer.Option(help="torch.optim optimizer.  [default: lbfgs]", rich_help_panel=RUN, show_default=False)]
-LineSearchOption = Annotated[Optional[LineSearch], typer.Option(help="LBFGS line search.  [default: none]", rich_help_panel=RUN, show_default=False)]
-HiddenOption = Annotated[Optional[int], typer.Option(min=1, help="Hidden size of each cell.  [default: 51]", rich_help_panel=MODEL, show_default=False)]
-LayersOption = Annotated[Optional[int], typer.Option(min=1, help="Stacked cells.  [default: 2]", rich_help_panel=MODEL, show_default=False)]
-FutureOption = Annotated[Optional[int], typer.Option(help="Steps to forecast after each step (held out for a single series).  [default: 1000]", rich_help_panel=DATA, show_default=False)]
-DTypeOption = Annotated[Optional[DType], typer.Option(help="Floating-point type.  [default: float64]", rich_help_panel=MODEL, show_default=False)]
-SeedOption = Annotated[Optional[int], typer.Option(help="Seed for numpy and torch (weights).  [default: 0]", rich_help_panel=RUN, show_default=False)]
+StepsOption = Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps.  \\[default: 15]", rich_help_panel=RUN, show_default=False)]
+LrOption = Annotated[Optional[float], typer.Option(min=0.0, help="Learning rate.  \\[default: 0.8 for lbfgs, 0.01 for adam]", rich_help_panel=RUN, show_default=False)]
+OptimizerOption = Annotated[Optional[OptimizerName], typer.Option(help="torch.optim optimizer.  \\[default: lbfgs; adam with --ensemble]", rich_help_panel=RUN, show_default=False)]
+LineSearchOption = Annotated[Optional[LineSearch], typer.Option(help="LBFGS line search.  \\[default: none]", rich_help_panel=RUN, show_default=False)]
+HiddenOption = Annotated[Optional[int], typer.Option(min=1, help="Hidden size of each cell.  \\[default: 51]", rich_help_panel=MODEL, show_default=False)]
+LayersOption = Annotated[Optional[int], typer.Option(min=1, help="Stacked cells.  \\[default: 2]", rich_help_panel=MODEL, show_default=False)]
+FutureOption = Annotated[Optional[int], typer.Option(help="Steps to forecast after each step (held out for a single series).  \\[default: 1000]", rich_help_panel=DATA, show_default=False)]
+DTypeOption = Annotated[Optional[DType], typer.Option(help="Floating-point type.  \\[default: float64]", rich_help_panel=MODEL, show_default=False)]
+SeedOption = Annotated[Optional[int], typer.Option(help="Seed for numpy and torch (weights).  \\[default: 0]", rich_help_panel=RUN, show_default=False)]
 DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda if available).", rich_help_panel=RUN)]
-DataOption = Annotated[Optional[Path], typer.Option(help="A .csv or .npy file: one series per row, or a single series.  [default: the sine waves]", rich_help_panel=DATA, show_default=False)]
-TestSeriesOption = Annotated[Optional[int], typer.Option(help="Series held out for testing (2-D data).  [default: 3]", rich_help_panel=DATA, show_default=False)]
-WindowOption = Annotated[Optional[int], typer.Option(help="Training window length for a single series.  [default: 100]", rich_help_panel=DATA, show_default=False)]
+DataOption = Annotated[Optional[Path], typer.Option(help="A .csv or .npy file: one series per row, or a single series.  \\[default: the sine waves]", rich_help_panel=DATA, show_default=False)]
+TestSeriesOption = Annotated[Optional[int], typer.Option(help="Series held out for testing (2-D data).  \\[default: 3]", rich_help_panel=DATA, show_default=False)]
+WindowOption = Annotated[Optional[int], typer.Option(help="Training window length for a single series.  \\[default: 100]", rich_help_panel=DATA, show_default=False)]
 PdfOption = Annotated[bool, typer.Option("--pdf", help="Also write PDF plots.", rich_help_panel=RUN)]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.", rich_help_panel=RUN)]
 
@@ -154,7 +154,7 @@ def _train_one(config: TrainConfig, out: Path, data, *, resume_from=None, pdf: b
 
 def train(
     arch: ArchOption = None,
-    imp: Annotated[Optional[Imp], typer.Option(help="functional: torch.func.grad over param dicts; torch: torch.nn cells + autograd.  [default: functional]", rich_help_panel=MODEL, show_default=False)] = None,
+    imp: Annotated[Optional[Imp], typer.Option(help="functional: torch.func.grad over param dicts; torch: torch.nn cells + autograd.  \\[default: functional]", rich_help_panel=MODEL, show_default=False)] = None,
     steps: StepsOption = None,
     lr: LrOption = None,
     optimizer: OptimizerOption = None,
@@ -168,7 +168,7 @@ def train(
     data: DataOption = None,
     test_series: TestSeriesOption = None,
     window: WindowOption = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output directory.  [default: runs/<arch>-<imp>]", rich_help_panel=RUN, show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory.  \\[default: runs/<arch>-<imp>]", rich_help_panel=RUN, show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory (its checkpoint fixes the options).", rich_help_panel=RUN, show_default=False)] = None,
     pdf: PdfOption = False,
     overwrite: OverwriteOption = False,
@@ -281,7 +281,7 @@ def compare(
     data: DataOption = None,
     test_series: TestSeriesOption = None,
     window: WindowOption = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output directory.  [default: runs/<arch>-compare]", rich_help_panel=RUN, show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory.  \\[default: runs/<arch>-compare]", rich_help_panel=RUN, show_default=False)] = None,
     pdf: PdfOption = False,
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -321,9 +321,9 @@ def _relative(a: float, b: float) -> float:
 
 def predict(
     checkpoint: Annotated[Path, typer.Option(help="A run directory holding checkpoint.safetensors.", show_default=False)],
-    future: Annotated[Optional[int], typer.Option(help="Steps to forecast.  [default: the run's --future]", show_default=False)] = None,
+    future: Annotated[Optional[int], typer.Option(help="Steps to forecast.  \\[default: the run's --future]", show_default=False)] = None,
     data: DataOption = None,
-    out: Annotated[Optional[Path], typer.Option(help="Where to write forecast.png and forecast.npy.  [default: the checkpoint directory]", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write forecast.png and forecast.npy.  \\[default: the checkpoint directory]", show_default=False)] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Load a trained model and forecast (no training); writes forecast.png and forecast.npy."""
