@@ -94,6 +94,8 @@ def predict(arch: str, params: Params, inputs: torch.Tensor, *, future: int = 0,
         raise ValueError(f"future: expected an int >= 0, got {future!r}")
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
         raise ValueError(f"inputs: expected shape (T, *B, {input_size}), got {tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__}")
+    if inputs.shape[0] < 1:
+        raise ValueError(f"inputs: expected at least one time step (T >= 1), got T = 0 in shape {tuple(inputs.shape)}")
     batch_shape = check_input("inputs", inputs, input_size, params["head.weight"].dtype)[1:]
     if future and params["head.weight"].shape[0] != input_size:
         raise ValueError(f"future: forecasting feeds outputs back, so output_size must equal input_size {input_size}, got {params['head.weight'].shape[0]}")

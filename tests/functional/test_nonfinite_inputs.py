@@ -61,6 +61,5 @@ def test_empty_sequences_are_refused():
     raises(message, sru_sequence, init_params("sru", I, H, dtype=F64), initial_carry("sru", (B,), H, dtype=F64), empty)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="functional.predictor.predict does not check T >= 1 yet (torch.cat of an empty list)")
 def test_predict_refuses_an_empty_sequence():
-    raises("inputs", predict, "gru", init_predictor("gru", 1, H, dtype=F64), torch.zeros(0, B, 1, dtype=F64), future=3)
+    raises("inputs: expected at least one time step (T >= 1), got T = 0 in shape (0, 3, 1)", predict, "gru", init_predictor("gru", 1, H, dtype=F64), torch.zeros(0, B, 1, dtype=F64), future=3)
