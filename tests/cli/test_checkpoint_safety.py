@@ -38,11 +38,14 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     data = small_series(root / "series.npy")
     runs = {}
-    for optimizer in ("lbfgs", "adam"):
-        config = TrainConfig(arch="gru", hidden=3, steps=2, future=4, data=str(data), optimizer=optimizer, lr=0.8 if optimizer == "lbfgs" else 0.01)
-        (root / optimizer).mkdir()
-        run(config, root / optimizer)
-        runs[optimizer] = root / optimizer
+    with pytest.MonkeyPatch.context() as patch:  # the figures play no part in the checkpoint
+        patch.setattr("scripts.train.plot_forecast", lambda *args, **kwargs: None)
+        patch.setattr("scripts.train.plot_losses", lambda *args, **kwargs: None)
+        for optimizer in ("lbfgs", "adam"):
+            config = TrainConfig(arch="gru", hidden=3, steps=2, future=4, data=str(data), optimizer=optimizer, lr=0.8 if optimizer == "lbfgs" else 0.01)
+            (root / optimizer).mkdir()
+            run(config, root / optimizer)
+            runs[optimizer] = root / optimizer
     return runs
 
 
