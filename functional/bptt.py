@@ -18,25 +18,27 @@ from typing import Any
 import torch
 
 from functional.lstm import LSTMCarry, lstm_recurrence
-from functional.params import Params
+from functional.params import Params, gates_projection
 from functional.scan import scan
 
 
-# Saved activations are kept in time chunks of about this many elements: each chunk is small enough
-# for the allocator to recycle and for the backward's per-chunk arithmetic to stay in cache.
-_CHUNK_ELEMENTS = 1 << 19
-
-
-def _flat(x_projected: torch.Tensor) -> tuple[int, tuple[int, ...], int]:
-    """`(T, *B, G*H)` -> `T`, `B`, `N = prod(B)`."""
-    batch_shape = tuple(x_projected.shape[1:-1])
-    return x_projected.shape[0], batch_shape, math.prod(batch_shape)
+# Work is done in time chunks of about this many elements per tensor: the input projection, the saved
+# activations and the gradients of a chunk stay small enough for the allocator to recycle them and for
+# the per-chunk arithmetic to stay in cache, and no (T, *B, G*H) tensor is ever materialized.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def _chunk_bounds(steps: int, step_elements: int) -> list[tuple[int, int]]:
     """`[(start, stop), ...]` covering `range(steps)` in chunks of about `_CHUNK_ELEMENTS` elements."""
     size = max(1, _CHUNK_ELEMENTS // max(1, step_elements))
     return [(start, min(start + size, steps)) for start in range(0, steps, size)]
+
+
+def _project(xs: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`xs W_ih^T + b` for a chunk `(K, N, I)` -> `(K, N, G)`, one matmul."""
+    flat = xs.reshape(-1, xs.shape[-1])
+    out = torch.mm(flat, weight_ih.T) if bias is None else torch.addmm(bias, flat, weight_ih.T)
+    return out.reshape(xs.shape[0], xs.shape[1], weight_ih.shape[0])
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -46,11 +48,11 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a if b is None else a + b
 
 
-def _hidden_grad(direct: torch.Tensor | None, d_next: torch.Tensor | None, weight_hh: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`dL/dh_t = direct + d_next @ W_hh`, where `d_next` (the next step's gate gradient) or `direct` may be None (zero)."""
+def _hidden_grad(direct: torch.Tensor | None, d_next: torch.Tensor | None, weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`dL/dh_t = direct + d_next @ weight`, where `d_next` (the next step's gate gradient) or `direct` may be None (zero)."""
     if d_next is None:
         return torch.zeros_like(like) if direct is None else direct
-    return torch.mm(d_next, weight_hh) if direct is None else torch.addmm(direct, d_next, weight_hh)
+    return torch.mm(d_next, weight) if direct is None else torch.addmm(direct, d_next, weight)
 
 
 def _previous(first: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -58,74 +60,102 @@ def _previous(first: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     return torch.cat([first.unsqueeze(0), states[:-1]])
 
 
-def _weight_grad(d_gates: torch.Tensor, h0: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-    """`dW_hh = sum_t d_gates_t^T h_{t-1}`: `(T, N, G)`, `(N, H)`, `(T, N, H)` -> `(G, H)`, one big matmul."""
-    grad = d_gates[0].T @ h0
-    if d_gates.shape[0] > 1:
-        grad = torch.addmm(grad, d_gates[1:].flatten(0, 1).T, ys[:-1].flatten(0, 1))
-    return grad
+def _matmul_t(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`total + a^T b` (`total` None: zero) for `a: (M, G)`, `b: (M, J)` -> `(G, J)`."""
+    return a.T @ b if total is None else torch.addmm(total, a.T, b)
+
+
+class _Grads:
+    """Parameter and input gradients, accumulated chunk by chunk (last chunk first) in the backward."""
+
+    def __init__(self) -> None:
+        self.weight_ih = self.bias = self.weight_hh = self.bias_hh = None
+        self.xs: list[torch.Tensor] = []
+
+    def add(
+        self, d_gates: torch.Tensor, d_inputs: torch.Tensor, xs: torch.Tensor, weight_ih: torch.Tensor, h_before: torch.Tensor, ys: torch.Tensor, bias_hh: bool = False
+    ) -> None:
+        """One chunk: `d_gates (K, N, G)` (the hidden side), `d_inputs (K, N, G_in)` (the projected input side; the
+        same tensor or its leading columns), its inputs `xs (K, N, I)`, the state before it and its outputs `ys`;
+        `bias_hh`: also sum `d_gates` for a separate hidden-side bias."""
+        steps, batch, _ = xs.shape
+        d_in = d_inputs.reshape(steps * batch, d_inputs.shape[-1])
+        self.weight_ih = _matmul_t(self.weight_ih, d_in, xs.reshape(steps * batch, xs.shape[-1]))
+        self.bias = _add(self.bias, d_in.sum(0))
+        self.xs.append((d_in @ weight_ih).reshape(steps, batch, weight_ih.shape[1]))
+        self.weight_hh = _matmul_t(self.weight_hh, d_gates[0], h_before)
+        if bias_hh:
+            self.bias_hh = _add(self.bias_hh, d_gates.sum((0, 1)))
+        if steps > 1:
+            self.weight_hh = _matmul_t(self.weight_hh, d_gates[1:].reshape(-1, d_gates.shape[-1]), ys[:-1].reshape(-1, ys.shape[-1]))
+
+    def inputs(self) -> torch.Tensor:
+        return torch.cat(self.xs[::-1])  # (T, N, I)
 
 
 class _RNNSequence(torch.autograd.Function):
-    """`h_t = phi(xp_t + h_{t-1} W_hh^T)` over `xp: (T, N, H)`; phi is tanh or relu."""
+    """`h_t = phi(x_t W_ih^T + b + h_{t-1} W_hh^T)` over `xs: (T, N, I)`; phi is tanh or relu."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x_projected: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(xs, h0, weight_ih, bias, weight_hh, relu: bool):
         phi = torch.relu if relu else torch.tanh
-        weight_t = weight_hh.T  # (H, H)
+        weight_t = weight_hh.T.contiguous()  # (H, H), the layout the per-step matmul runs fastest with
         h, hs = h0, []
-        for xp in x_projected.unbind(0):
-            h = phi(torch.addmm(xp, h, weight_t))
-            hs.append(h)
+        for start, stop in _chunk_bounds(xs.shape[0], xs.shape[1] * weight_ih.shape[0]):
+            for xp in _project(xs[start:stop], weight_ih, bias).unbind(0):
+                h = phi(torch.addmm(xp, h, weight_t))
+                hs.append(h)
         return torch.stack(hs), h  # ys (T, N, H), h_T (a separate tensor, not a view of ys)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        _, h0, weight_hh, relu = inputs
-        ctx.relu = relu
+        xs, h0, weight_ih, bias, weight_hh, relu = inputs
+        ctx.relu, ctx.has_bias = relu, bias is not None
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(h0, weight_hh, output[0])
+        ctx.save_for_backward(xs, h0, weight_ih, weight_hh, output[0])
 
     @staticmethod
-    def backward(ctx: Any, d_ys: torch.Tensor | None, d_last: torch.Tensor | None):
-        h0, weight_hh, ys = ctx.saved_tensors
+    def backward(ctx: Any, d_ys, d_last):
+        xs, h0, weight_ih, weight_hh, ys = ctx.saved_tensors
         steps = ys.shape[0]
+        weight = weight_hh.T.contiguous().T  # same values, the layout `d @ W_hh` runs fastest with
         d_outputs = d_ys.unbind(0) if d_ys is not None else [None] * steps
-        d_pre, d_next = [], None  # dL/da_t (a_t the pre-activation), last step first
-        for start, stop in reversed(_chunk_bounds(steps, ys[0].numel())):
+        grads, d_next = _Grads(), None
+        for start, stop in reversed(_chunk_bounds(steps, xs.shape[1] * weight_ih.shape[0])):
             # phi'(a) from the output: relu passes where h > 0 (as threshold_backward), tanh scales by 1 - h^2
             chunk = ys[start:stop]
             slopes = chunk > 0 if ctx.relu else 1 - chunk * chunk
+            d_pre = []  # dL/da_t, a_t the pre-activation; last step first
             for t in range(stop - 1, start - 1, -1):
-                dh = _hidden_grad(_add(d_outputs[t], d_last) if t == steps - 1 else d_outputs[t], d_next, weight_hh, h0)
+                dh = _hidden_grad(_add(d_outputs[t], d_last) if t == steps - 1 else d_outputs[t], d_next, weight, h0)
                 d_next = torch.where(slopes[t - start], dh, 0.0) if ctx.relu else dh * slopes[t - start]
                 d_pre.append(d_next)
-        d_pre.reverse()
-        d_x = torch.stack(d_pre)  # (T, N, H)
-        return d_x, d_next @ weight_hh, _weight_grad(d_x, h0, ys), None
+            d_chunk = torch.stack(d_pre[::-1])  # (K, N, H)
+            grads.add(d_chunk, d_chunk, xs[start:stop], weight_ih, ys[start - 1] if start else h0, chunk)
+        return grads.inputs(), d_next @ weight_hh, grads.weight_ih, grads.bias if ctx.has_bias else None, grads.weight_hh, None
 
 
 class _LSTMSequence(torch.autograd.Function):
-    """LSTM over `xp: (T, N, 4H)` (`x W_ih^T + b_ih + b_hh`, torch's gate order i, f, g, o)."""
+    """LSTM over `xs: (T, N, I)`, `b = b_ih + b_hh`, torch's gate order i, f, g, o."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x_projected: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weight_hh: torch.Tensor):
-        steps, batch, gates_size = x_projected.shape
-        hidden = gates_size // 4
-        weight_t = weight_hh.T  # (H, 4H)
-        inputs = x_projected.unbind(0)
+    def forward(xs, h0, c0, weight_ih, bias, weight_hh):
+        steps, batch, _ = xs.shape
+        hidden = h0.shape[-1]
+        weight_t = weight_hh.T.contiguous()  # (H, 4H)
         h, c, hs = h0, c0, []
         activations, cells, tanh_cells = [], [], []  # per chunk: (K, N, 4H) i, f, g, o after sigmoid/tanh; (K, N, H) c; tanh(c)
-        for start, stop in _chunk_bounds(steps, batch * gates_size):
+        for start, stop in _chunk_bounds(steps, batch * 4 * hidden):
             acts, cs, tanh_cs = [], [], []
-            for xp in inputs[start:stop]:
-                gates = torch.addmm(xp, h, weight_t)  # (N, 4H)
-                act = torch.sigmoid(gates)  # one call for all blocks, then the g block is replaced by tanh
-                act[:, 2 * hidden : 3 * hidden] = torch.tanh(gates[:, 2 * hidden : 3 * hidden])
+            for xp in _project(xs[start:stop], weight_ih, bias).unbind(0):
+                act = torch.addmm(xp, h, weight_t)  # (N, 4H) gate pre-activations, activated in place
+                act[:, : 2 * hidden].sigmoid_()
+                act[:, 2 * hidden : 3 * hidden].tanh_()
+                act[:, 3 * hidden :].sigmoid_()
                 i, f, g, o = act.chunk(4, dim=1)  # views
                 c = torch.addcmul(f * c, i, g)
                 tanh_c = torch.tanh(c)
@@ -142,20 +172,22 @@ class _LSTMSequence(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        _, h0, c0, weight_hh = inputs
+        xs, h0, c0, weight_ih, bias, weight_hh = inputs
         saved = output[3:]
+        ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(*saved)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(h0, c0, weight_hh, output[0], *saved)
+        ctx.save_for_backward(xs, h0, c0, weight_ih, weight_hh, output[0], *saved)
 
     @staticmethod
-    def backward(ctx: Any, d_ys: torch.Tensor | None, d_h_last: torch.Tensor | None, d_c_last: torch.Tensor | None, *_):
-        h0, c0, weight_hh, ys, *saved = ctx.saved_tensors
+    def backward(ctx: Any, d_ys, d_h_last, d_c_last, *_):
+        xs, h0, c0, weight_ih, weight_hh, ys, *saved = ctx.saved_tensors
         chunks = len(saved) // 3
         activations, cells, tanh_cells = saved[:chunks], saved[chunks : 2 * chunks], saved[2 * chunks :]
         steps = ys.shape[0]
+        weight = weight_hh.T.contiguous().T
         d_outputs = d_ys.unbind(0) if d_ys is not None else [None] * steps
-        d_gates, d_next, dc_carried = [], None, d_c_last  # d_gates last step first; dc_carried = dc_{t+1} f_{t+1}
+        grads, d_next, dc_carried = _Grads(), None, d_c_last  # dc_carried = dc_{t+1} f_{t+1}
         stop = steps
         for index in range(chunks - 1, -1, -1):
             act, c, tanh_c = activations[index], cells[index], tanh_cells[index]  # (K, N, *)
@@ -167,35 +199,35 @@ class _LSTMSequence(torch.autograd.Function):
             c_prev = _previous(cells[index - 1][-1] if index else c0, c)
             gate_scale = torch.cat([g * slope_i, c_prev * slope_f, i * (1 - g * g), tanh_c * slope_o], dim=-1)  # (K, N, 4H)
             cell_scale = o * (1 - tanh_c * tanh_c)  # (K, N, H)
+            d_gates = []  # last step first
             for t in range(stop - 1, start - 1, -1):
                 k = t - start
-                dh = _hidden_grad(_add(d_outputs[t], d_h_last) if t == steps - 1 else d_outputs[t], d_next, weight_hh, h0)
+                dh = _hidden_grad(_add(d_outputs[t], d_h_last) if t == steps - 1 else d_outputs[t], d_next, weight, h0)
                 dc = dh * cell_scale[k] if dc_carried is None else torch.addcmul(dc_carried, dh, cell_scale[k])
                 d_next = torch.cat([dc, dc, dc, dh], dim=1) * gate_scale[k]  # (N, 4H)
                 d_gates.append(d_next)
                 dc_carried = dc * f[k]
+            d_chunk = torch.stack(d_gates[::-1])  # (K, N, 4H)
+            grads.add(d_chunk, d_chunk, xs[start:stop], weight_ih, ys[start - 1] if start else h0, ys[start:stop])
             stop = start
-        d_gates.reverse()
-        d_x = torch.stack(d_gates)  # (T, N, 4H)
-        return d_x, d_next @ weight_hh, dc_carried, _weight_grad(d_x, h0, ys)
+        return grads.inputs(), d_next @ weight_hh, dc_carried, grads.weight_ih, grads.bias if ctx.has_bias else None, grads.weight_hh
 
 
 class _GRUSequence(torch.autograd.Function):
-    """GRU over `xp: (T, N, 3H)` (`x W_ih^T + b_ih`, gate order r, z, n); `b_hn` sits inside `r *`."""
+    """GRU over `xs: (T, N, I)`, gate order r, z, n; `b_hn` sits inside `r *`."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x_projected: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Tensor, bias_hh: torch.Tensor | None):
-        steps, batch, gates_size = x_projected.shape
-        hidden = gates_size // 3
-        weight_t = weight_hh.T  # (H, 3H)
-        inputs = x_projected.unbind(0)
+    def forward(xs, h0, weight_ih, bias_ih, weight_hh, bias_hh):
+        steps, batch, _ = xs.shape
+        hidden = h0.shape[-1]
+        weight_t = weight_hh.T.contiguous()  # (H, 3H)
         h, hs = h0, []
         resets_updates, news, hidden_news = [], [], []  # per chunk: (K, N, 2H) r, z; (K, N, H) n; h W_hn^T + b_hn
-        for start, stop in _chunk_bounds(steps, batch * gates_size):
+        for start, stop in _chunk_bounds(steps, batch * 4 * hidden):
             rzs, ns, hns = [], [], []
-            for xp in inputs[start:stop]:
+            for xp in _project(xs[start:stop], weight_ih, bias_ih).unbind(0):
                 hp = torch.mm(h, weight_t) if bias_hh is None else torch.addmm(bias_hh, h, weight_t)  # (N, 3H)
                 rz = torch.sigmoid(xp[:, : 2 * hidden] + hp[:, : 2 * hidden])  # (N, 2H)
                 r, z = rz.chunk(2, dim=1)
@@ -213,25 +245,25 @@ class _GRUSequence(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        _, h0, weight_hh, bias_hh = inputs
+        xs, h0, weight_ih, bias_ih, weight_hh, bias_hh = inputs
         saved = output[2:]
-        ctx.has_bias = bias_hh is not None
+        ctx.has_bias = bias_ih is not None, bias_hh is not None
         ctx.mark_non_differentiable(*saved)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(h0, weight_hh, output[0], *saved)
+        ctx.save_for_backward(xs, h0, weight_ih, weight_hh, output[0], *saved)
 
     @staticmethod
-    def backward(ctx: Any, d_ys: torch.Tensor | None, d_h_last: torch.Tensor | None, *_):
-        h0, weight_hh, ys, *saved = ctx.saved_tensors
+    def backward(ctx: Any, d_ys, d_h_last, *_):
+        xs, h0, weight_ih, weight_hh, ys, *saved = ctx.saved_tensors
         chunks = len(saved) // 3
         resets_updates, news, hidden_news = saved[:chunks], saved[chunks : 2 * chunks], saved[2 * chunks :]
         steps, batch, hidden = ys.shape
+        weight = weight_hh.T.contiguous().T
         d_outputs = d_ys.unbind(0) if d_ys is not None else [None] * steps
         dh = _add(d_outputs[-1], d_h_last)
         if dh is None:
             dh = torch.zeros_like(h0)
-        d_all = []  # (N, 4, H) per step, last step first: d of the pre-activations r, z, n, and of h W_hn^T + b_hn
-        stop = steps
+        grads, stop = _Grads(), steps
         for index in range(chunks - 1, -1, -1):
             rz, n, hn = resets_updates[index], news[index], hidden_news[index]
             start = stop - rz.shape[0]
@@ -240,75 +272,90 @@ class _GRUSequence(torch.autograd.Function):
             new_scale = (1 - z) * (1 - n * n)
             h_prev = _previous(ys[start - 1] if start else h0, ys[start:stop])
             scale = torch.stack([new_scale * hn * (r - r * r), (h_prev - n) * (z - z * z), new_scale, new_scale * r], dim=2)  # (K, N, 4, H)
+            d_all = []  # (N, 4, H) per step, last step first
             for t in range(stop - 1, start - 1, -1):
                 k = t - start
                 d = dh.unsqueeze(1) * scale[k]  # (N, 4, H)
                 d_all.append(d)
                 d_hidden = torch.cat([d[:, :2], d[:, 3:]], dim=1).reshape(batch, 3 * hidden)  # d(h W_hh^T + b_hh)
                 dh_direct = dh * z[k] if t == 0 or d_outputs[t - 1] is None else torch.addcmul(d_outputs[t - 1], dh, z[k])
-                dh = torch.addmm(dh_direct, d_hidden, weight_hh)
+                dh = torch.addmm(dh_direct, d_hidden, weight)
+            # (K, N, 4H): blocks r, z, n (the projected input's) and hn; the hidden side's are r, z, hn
+            d_chunk = torch.stack(d_all[::-1]).reshape(stop - start, batch, 4 * hidden)
+            grads.add(d_chunk, d_chunk[..., : 3 * hidden], xs[start:stop], weight_ih, ys[start - 1] if start else h0, ys[start:stop], ctx.has_bias[1])
             stop = start
-        d_all.reverse()
-        d_all = torch.stack(d_all).reshape(steps, batch, 4 * hidden)  # (T, N, 4H): r, z, n (pre-activations), hn
-        d_x = d_all[:, :, : 3 * hidden]  # a strided view
-        weight_grad = _weight_grad(d_all, h0, ys)  # rows r, z, n (unused), hn
-        weight_grad = torch.cat([weight_grad[: 2 * hidden], weight_grad[3 * hidden :]])
-        d_bias = torch.cat([d_all[:, :, : 2 * hidden].sum((0, 1)), d_all[:, :, 3 * hidden :].sum((0, 1))]) if ctx.has_bias else None
-        return d_x, dh, weight_grad, d_bias
+        # the hidden side's gradients are rows r, z, hn of the 4-block ones
+        weight_hh_grad = torch.cat([grads.weight_hh[: 2 * hidden], grads.weight_hh[3 * hidden :]])
+        bias_hh_grad = torch.cat([grads.bias_hh[: 2 * hidden], grads.bias_hh[3 * hidden :]]) if ctx.has_bias[1] else None
+        return grads.inputs(), dh, grads.weight_ih, grads.bias if ctx.has_bias[0] else None, weight_hh_grad, bias_hh_grad
+def _flat(xs: torch.Tensor, hidden: int) -> tuple[tuple[int, ...], torch.Tensor]:
+    """`(T, *B, I)` -> `B` and `xs` as `(T, N, I)` with `N = prod(B)`."""
+    batch_shape = tuple(xs.shape[1:-1])
+    return batch_shape, xs.reshape(xs.shape[0], math.prod(batch_shape), xs.shape[-1])
 
 
-def rnn_sequence(params: Params, h: torch.Tensor, x_projected: torch.Tensor, *, nonlinearity: str = "tanh") -> tuple[torch.Tensor, torch.Tensor]:
-    """An Elman RNN over a whole projected sequence; unchecked.
+def _folded_bias(params: Params) -> torch.Tensor | None:
+    """`b_ih + b_hh` (RNN and LSTM add both to every gate), or None when bias-free."""
+    return params["bias_ih"] + params["bias_hh"] if "bias_ih" in params else None
+
+
+def rnn_sequence(params: Params, h: torch.Tensor, xs: torch.Tensor, *, nonlinearity: str = "tanh") -> tuple[torch.Tensor, torch.Tensor]:
+    """An Elman RNN over a whole sequence, input projection included; unchecked.
 
     Args:
-        params: `weight_hh (H, H)` (the input side is already in `x_projected`).
+        params: the cell's params (`weight_ih (H, I)`, `weight_hh (H, H)`, biases unless bias-free).
         h: carry `(*B, H)`.
-        x_projected: `(T, *B, H)`, `x W_ih^T + b_ih + b_hh` for every step (`gates_projection`).
+        xs: `(T, *B, I)`.
         nonlinearity: `"tanh"` or `"relu"`.
 
     Returns:
-        `(h_T, ys)` with `ys: (T, *B, H)`; equal to scanning `rnn_recurrence`.
+        `(h_T, ys)` with `ys: (T, *B, H)`; equal to scanning `rnn_recurrence` over `gates_projection(params, xs)`.
     """
-    steps, batch_shape, batch = _flat(x_projected)
+    batch_shape, flat = _flat(xs, h.shape[-1])
     hidden = h.shape[-1]
-    ys, last = _RNNSequence.apply(x_projected.reshape(steps, batch, hidden), h.reshape(batch, hidden), params["weight_hh"], nonlinearity == "relu")
-    return last.reshape(*batch_shape, hidden), ys.reshape(steps, *batch_shape, hidden)
+    ys, last = _RNNSequence.apply(
+        flat, h.reshape(flat.shape[1], hidden), params["weight_ih"], _folded_bias(params), params["weight_hh"], nonlinearity == "relu"
+    )
+    return last.reshape(*batch_shape, hidden), ys.reshape(xs.shape[0], *batch_shape, hidden)
 
 
-def lstm_sequence(params: Params, carry: LSTMCarry, x_projected: torch.Tensor) -> tuple[LSTMCarry, torch.Tensor]:
-    """An LSTM over a whole projected sequence; unchecked. With `weight_hr` it scans `lstm_recurrence`.
+def lstm_sequence(params: Params, carry: LSTMCarry, xs: torch.Tensor) -> tuple[LSTMCarry, torch.Tensor]:
+    """An LSTM over a whole sequence, input projection included; unchecked. With `weight_hr` it scans `lstm_recurrence`.
 
     Args:
-        params: `weight_hh (4H, H)` (and optionally `weight_hr (P, H)`).
+        params: the cell's params (`weight_ih (4H, I)`, `weight_hh (4H, H)`, biases unless bias-free; optionally
+            `weight_hr (P, H)`), gates in torch's order i, f, g, o.
         carry: `(h, c)`, each `(*B, H)`.
-        x_projected: `(T, *B, 4H)`, `x W_ih^T + b_ih + b_hh` for every step (`gates_projection`), gates i, f, g, o.
+        xs: `(T, *B, I)`.
 
     Returns:
-        `(LSTMCarry(h_T, c_T), ys)` with `ys: (T, *B, H)`; equal to scanning `lstm_recurrence`.
+        `(LSTMCarry(h_T, c_T), ys)` with `ys: (T, *B, H)`; equal to scanning `lstm_recurrence` over `gates_projection(params, xs)`.
     """
     if "weight_hr" in params:
-        return scan(lambda state, xp: lstm_recurrence(params, state, xp), LSTMCarry(*carry), x_projected)
+        return scan(lambda state, xp: lstm_recurrence(params, state, xp), LSTMCarry(*carry), gates_projection(params, xs))
     h, c = carry
-    steps, batch_shape, batch = _flat(x_projected)
     hidden = c.shape[-1]
-    flat = (x_projected.reshape(steps, batch, 4 * hidden), h.reshape(batch, hidden), c.reshape(batch, hidden), params["weight_hh"])
-    ys, h, c = _LSTMSequence.apply(*flat)[:3]
-    return LSTMCarry(h.reshape(*batch_shape, hidden), c.reshape(*batch_shape, hidden)), ys.reshape(steps, *batch_shape, hidden)
+    batch_shape, flat = _flat(xs, hidden)
+    batch = flat.shape[1]
+    outputs = _LSTMSequence.apply(flat, h.reshape(batch, hidden), c.reshape(batch, hidden), params["weight_ih"], _folded_bias(params), params["weight_hh"])
+    ys, h, c = outputs[:3]
+    return LSTMCarry(h.reshape(*batch_shape, hidden), c.reshape(*batch_shape, hidden)), ys.reshape(xs.shape[0], *batch_shape, hidden)
 
 
-def gru_sequence(params: Params, h: torch.Tensor, x_projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A GRU over a whole projected sequence; unchecked.
+def gru_sequence(params: Params, h: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GRU over a whole sequence, input projection included; unchecked.
 
     Args:
-        params: `weight_hh (3H, H)` and `bias_hh (3H,)` unless bias-free (`b_hn` sits inside `r *`).
+        params: the cell's params (`weight_ih (3H, I)`, `weight_hh (3H, H)`, `bias_ih`, `bias_hh` unless bias-free),
+            gates r, z, n; `b_hn` sits inside `r *` as in torch.
         h: carry `(*B, H)`.
-        x_projected: `(T, *B, 3H)`, `x W_ih^T + b_ih` for every step (`input_projection`), gates r, z, n.
+        xs: `(T, *B, I)`.
 
     Returns:
-        `(h_T, ys)` with `ys: (T, *B, H)`; equal to scanning `gru_recurrence`.
+        `(h_T, ys)` with `ys: (T, *B, H)`; equal to scanning `gru_recurrence` over `input_projection(params, xs)`.
     """
-    steps, batch_shape, batch = _flat(x_projected)
     hidden = h.shape[-1]
-    flat = (x_projected.reshape(steps, batch, 3 * hidden), h.reshape(batch, hidden), params["weight_hh"], params.get("bias_hh"))
-    ys, last = _GRUSequence.apply(*flat)[:2]
-    return last.reshape(*batch_shape, hidden), ys.reshape(steps, *batch_shape, hidden)
+    batch_shape, flat = _flat(xs, hidden)
+    outputs = _GRUSequence.apply(flat, h.reshape(flat.shape[1], hidden), params["weight_ih"], params.get("bias_ih"), params["weight_hh"], params.get("bias_hh"))
+    ys, last = outputs[:2]
+    return last.reshape(*batch_shape, hidden), ys.reshape(xs.shape[0], *batch_shape, hidden)

@@ -76,9 +76,10 @@ def _check_predictor(arch: str, params: Params) -> tuple[list[dict[str, torch.Te
 def predict(arch: str, params: Params, inputs: torch.Tensor, *, future: int = 0, carry: list[Any] | None = None) -> tuple[torch.Tensor, list[Any]]:
     """Run the predictor over `inputs` (teacher forcing), then forecast `future` more steps.
 
-    Each layer runs over all T steps at once (one input matmul for the whole sequence, then the
-    arch's `sequence` with its hand-derived backward, or a scan of its `recurrence`), which equals the step-interleaved loop of the PyTorch example. The forecast feeds each
-    output back as the next input, so it needs `output_size == input_size`.
+    Each layer runs over all T steps at once (the arch's `sequence`, with its hand-derived backward,
+    or one input matmul for the whole sequence and a scan of its `recurrence`), which equals the
+    step-interleaved loop of the PyTorch example. The forecast feeds each output back as the next
+    input, so it needs `output_size == input_size`.
 
     Args:
         inputs: `(T, *B, I)`, time-major.
@@ -108,10 +109,10 @@ def predict(arch: str, params: Params, inputs: torch.Tensor, *, future: int = 0,
 
     hidden = inputs
     for layer, cell in enumerate(cells):
-        projected = spec.project(cell, hidden)  # (T, *B, G*H): all steps in one matmul
-        if spec.sequence is not None:  # the whole sequence at once, with a hand-written backward
-            carry[layer], hidden = spec.sequence(cell, carry[layer], projected)
+        if spec.sequence is not None:  # the whole sequence at once, with a hand-derived backward
+            carry[layer], hidden = spec.sequence(cell, carry[layer], hidden)
         else:
+            projected = spec.project(cell, hidden)  # (T, *B, G*H): all steps in one matmul
             carry[layer], hidden = scan(lambda c, x, cell=cell: spec.recurrence(cell, c, x), carry[layer], projected)
     outputs = [head(hidden)]  # (T, *B, O)
     output = outputs[0][-1]

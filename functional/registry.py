@@ -61,8 +61,8 @@ class Arch:
     supports_projection: bool = False  # LSTM's proj_size
     layered: bool = True  # has an nn.RNN/LSTM/GRU-style layered form (run_layers)
     buffers: frozenset[str] = frozenset()  # param keys that are constants, never trained (SRU's scale_x)
-    # (params, carry, x_projected (T, *B, G*H)) -> (carry, ys (T, *B, H)): the whole sequence with a
-    # hand-derived backward (functional/bptt.py); equals scanning `recurrence`. None: scan it.
+    # (params, carry, xs (T, *B, I)) -> (carry, ys (T, *B, H)): the whole sequence, input projection included,
+    # with a hand-derived backward (functional/bptt.py); equals scanning `recurrence` over `project(xs)`. None: scan.
     sequence: Callable[[Params, Any, torch.Tensor], tuple[Any, torch.Tensor]] | None = None
 
 
