@@ -1,5 +1,6 @@
 """cells.functional: pure recurrent cells over explicit parameter dicts (torch's keys and shapes)."""
 
+from functional.bptt import gru_sequence, lstm_sequence, rnn_sequence
 from functional.gradflow import state_gradient_norms
 from functional.gru import gru_cell
 from functional.jacobian import jacobian_spectral_norms, step_jacobian
@@ -21,6 +22,7 @@ __all__ = [
     "ensemble_grad_and_value",
     "get_arch",
     "gru_cell",
+    "gru_sequence",
     "init_layers",
     "init_params",
     "init_predictor",
@@ -29,10 +31,12 @@ __all__ = [
     "layer_params",
     "layer_structure",
     "lstm_cell",
+    "lstm_sequence",
     "per_sample_grads",
     "predict",
     "predictor_loss",
     "rnn_cell",
+    "rnn_sequence",
     "run_layers",
     "scan",
     "sru_cell",
