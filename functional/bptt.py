@@ -61,33 +61,42 @@ def _previous(first: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
 
 
 def _matmul_t(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`total + a^T b` (`total` None: zero) for `a: (M, G)`, `b: (M, J)` -> `(G, J)`."""
-    return a.T @ b if total is None else torch.addmm(total, a.T, b)
+    """`total + b^T a` (`total` None: zero) for `a: (M, G)`, `b: (M, J)` -> `(J, G)`.
+
+    A weight gradient `a^T b`, kept transposed: this orientation runs ~20-40% faster on CPU BLAS."""
+    return b.T @ a if total is None else torch.addmm(total, b.T, a)
 
 
 class _Grads:
     """Parameter and input gradients, accumulated chunk by chunk (last chunk first) in the backward."""
 
-    def __init__(self) -> None:
-        self.weight_ih = self.bias = self.weight_hh = self.bias_hh = None
+    def __init__(self, weight_ih: torch.Tensor) -> None:
+        self.weight_ih_rows = weight_ih.T.contiguous().T  # same values, the layout `d @ W_ih` runs fastest with
+        self.weight_ih_t = self.bias = self.weight_hh_t = self.bias_hh = None  # weight gradients transposed
         self.xs: list[torch.Tensor] = []
 
-    def add(
-        self, d_gates: torch.Tensor, d_inputs: torch.Tensor, xs: torch.Tensor, weight_ih: torch.Tensor, h_before: torch.Tensor, ys: torch.Tensor, bias_hh: bool = False
-    ) -> None:
+    def add(self, d_gates: torch.Tensor, d_inputs: torch.Tensor, xs: torch.Tensor, h_before: torch.Tensor, ys: torch.Tensor, bias_hh: bool = False) -> None:
         """One chunk: `d_gates (K, N, G)` (the hidden side), `d_inputs (K, N, G_in)` (the projected input side; the
         same tensor or its leading columns), its inputs `xs (K, N, I)`, the state before it and its outputs `ys`;
         `bias_hh`: also sum `d_gates` for a separate hidden-side bias."""
         steps, batch, _ = xs.shape
         d_in = d_inputs.reshape(steps * batch, d_inputs.shape[-1])
-        self.weight_ih = _matmul_t(self.weight_ih, d_in, xs.reshape(steps * batch, xs.shape[-1]))
+        self.weight_ih_t = _matmul_t(self.weight_ih_t, d_in, xs.reshape(steps * batch, xs.shape[-1]))
         self.bias = _add(self.bias, d_in.sum(0))
-        self.xs.append((d_in @ weight_ih).reshape(steps, batch, weight_ih.shape[1]))
-        self.weight_hh = _matmul_t(self.weight_hh, d_gates[0], h_before)
+        self.xs.append((d_in @ self.weight_ih_rows).reshape(steps, batch, xs.shape[-1]))
+        self.weight_hh_t = _matmul_t(self.weight_hh_t, d_gates[0], h_before)
         if bias_hh:
             self.bias_hh = _add(self.bias_hh, d_gates.sum((0, 1)))
         if steps > 1:
-            self.weight_hh = _matmul_t(self.weight_hh, d_gates[1:].reshape(-1, d_gates.shape[-1]), ys[:-1].reshape(-1, ys.shape[-1]))
+            self.weight_hh_t = _matmul_t(self.weight_hh_t, d_gates[1:].reshape(-1, d_gates.shape[-1]), ys[:-1].reshape(-1, ys.shape[-1]))
+
+    @property
+    def weight_ih(self) -> torch.Tensor:
+        return self.weight_ih_t.T.contiguous()  # (G, I)
+
+    @property
+    def weight_hh(self) -> torch.Tensor:
+        return self.weight_hh_t.T.contiguous()  # (G, H)
 
     def inputs(self) -> torch.Tensor:
         return torch.cat(self.xs[::-1])  # (T, N, I)
@@ -122,7 +131,7 @@ class _RNNSequence(torch.autograd.Function):
         steps = ys.shape[0]
         weight = weight_hh.T.contiguous().T  # same values, the layout `d @ W_hh` runs fastest with
         d_outputs = d_ys.unbind(0) if d_ys is not None else [None] * steps
-        grads, d_next = _Grads(), None
+        grads, d_next = _Grads(weight_ih), None
         for start, stop in reversed(_chunk_bounds(steps, xs.shape[1] * weight_ih.shape[0])):
             # phi'(a) from the output: relu passes where h > 0 (as threshold_backward), tanh scales by 1 - h^2
             chunk = ys[start:stop]
@@ -133,7 +142,7 @@ class _RNNSequence(torch.autograd.Function):
                 d_next = torch.where(slopes[t - start], dh, 0.0) if ctx.relu else dh * slopes[t - start]
                 d_pre.append(d_next)
             d_chunk = torch.stack(d_pre[::-1])  # (K, N, H)
-            grads.add(d_chunk, d_chunk, xs[start:stop], weight_ih, ys[start - 1] if start else h0, chunk)
+            grads.add(d_chunk, d_chunk, xs[start:stop], ys[start - 1] if start else h0, chunk)
         return grads.inputs(), d_next @ weight_hh, grads.weight_ih, grads.bias if ctx.has_bias else None, grads.weight_hh, None
 
 
@@ -187,7 +196,7 @@ class _LSTMSequence(torch.autograd.Function):
         steps = ys.shape[0]
         weight = weight_hh.T.contiguous().T
         d_outputs = d_ys.unbind(0) if d_ys is not None else [None] * steps
-        grads, d_next, dc_carried = _Grads(), None, d_c_last  # dc_carried = dc_{t+1} f_{t+1}
+        grads, d_next, dc_carried = _Grads(weight_ih), None, d_c_last  # dc_carried = dc_{t+1} f_{t+1}
         stop = steps
         for index in range(chunks - 1, -1, -1):
             act, c, tanh_c = activations[index], cells[index], tanh_cells[index]  # (K, N, *)
@@ -208,7 +217,7 @@ class _LSTMSequence(torch.autograd.Function):
                 d_gates.append(d_next)
                 dc_carried = dc * f[k]
             d_chunk = torch.stack(d_gates[::-1])  # (K, N, 4H)
-            grads.add(d_chunk, d_chunk, xs[start:stop], weight_ih, ys[start - 1] if start else h0, ys[start:stop])
+            grads.add(d_chunk, d_chunk, xs[start:stop], ys[start - 1] if start else h0, ys[start:stop])
             stop = start
         return grads.inputs(), d_next @ weight_hh, dc_carried, grads.weight_ih, grads.bias if ctx.has_bias else None, grads.weight_hh
 
@@ -263,7 +272,7 @@ class _GRUSequence(torch.autograd.Function):
         dh = _add(d_outputs[-1], d_h_last)
         if dh is None:
             dh = torch.zeros_like(h0)
-        grads, stop = _Grads(), steps
+        grads, stop = _Grads(weight_ih), steps
         for index in range(chunks - 1, -1, -1):
             rz, n, hn = resets_updates[index], news[index], hidden_news[index]
             start = stop - rz.shape[0]
@@ -282,7 +291,7 @@ class _GRUSequence(torch.autograd.Function):
                 dh = torch.addmm(dh_direct, d_hidden, weight)
             # (K, N, 4H): blocks r, z, n (the projected input's) and hn; the hidden side's are r, z, hn
             d_chunk = torch.stack(d_all[::-1]).reshape(stop - start, batch, 4 * hidden)
-            grads.add(d_chunk, d_chunk[..., : 3 * hidden], xs[start:stop], weight_ih, ys[start - 1] if start else h0, ys[start:stop], ctx.has_bias[1])
+            grads.add(d_chunk, d_chunk[..., : 3 * hidden], xs[start:stop], ys[start - 1] if start else h0, ys[start:stop], ctx.has_bias[1])
             stop = start
         # the hidden side's gradients are rows r, z, hn of the 4-block ones
         weight_hh_grad = torch.cat([grads.weight_hh[: 2 * hidden], grads.weight_hh[3 * hidden :]])
