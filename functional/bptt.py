@@ -102,6 +102,65 @@ class _Grads:
         return torch.cat(self.xs[::-1])  # (T, N, I)
 
 
+def _lstm_forward(xs, h0, c0, weight_ih, bias, weight_hh, save: bool):
+    """The LSTM loop; with `save`, also what the backward needs (see `_LSTMSequence`)."""
+    steps, batch, _ = xs.shape
+    hidden = h0.shape[-1]
+    weight_t = weight_hh.T.contiguous()  # (H, 4H)
+    h, c, hs = h0, c0, []
+    activations, cells, tanh_cells = [], [], []  # per chunk: (K, N, 4H) i, f, g, o after sigmoid/tanh; (K, N, H) c; tanh(c)
+    for start, stop in _chunk_bounds(steps, batch * 4 * hidden):
+        acts, cs, tanh_cs = [], [], []
+        for xp in _project(xs[start:stop], weight_ih, bias).unbind(0):
+            act = torch.addmm(xp, h, weight_t)  # (N, 4H) gate pre-activations, activated in place
+            act[:, : 2 * hidden].sigmoid_()
+            act[:, 2 * hidden : 3 * hidden].tanh_()
+            act[:, 3 * hidden :].sigmoid_()
+            i, f, g, o = act.chunk(4, dim=1)  # views
+            c = torch.addcmul(f * c, i, g)
+            tanh_c = torch.tanh(c)
+            h = o * tanh_c
+            hs.append(h)
+            if save:
+                acts.append(act)
+                cs.append(c)
+                tanh_cs.append(tanh_c)
+        if save:
+            activations.append(torch.stack(acts))
+            cells.append(torch.stack(cs))
+            tanh_cells.append(torch.stack(tanh_cs))
+    # ys, h_T, c_T, then what backward needs (outputs, since setup_context may only save inputs and outputs)
+    return torch.stack(hs), h, c, *activations, *cells, *tanh_cells
+
+
+def _gru_forward(xs, h0, weight_ih, bias_ih, weight_hh, bias_hh, save: bool):
+    """The GRU loop; with `save`, also what the backward needs (see `_GRUSequence`)."""
+    steps, batch, _ = xs.shape
+    hidden = h0.shape[-1]
+    weight_t = weight_hh.T.contiguous()  # (H, 3H)
+    h, hs = h0, []
+    resets_updates, news, hidden_news = [], [], []  # per chunk: (K, N, 2H) r, z; (K, N, H) n; h W_hn^T + b_hn
+    for start, stop in _chunk_bounds(steps, batch * 4 * hidden):
+        rzs, ns, hns = [], [], []
+        for xp in _project(xs[start:stop], weight_ih, bias_ih).unbind(0):
+            hp = torch.mm(h, weight_t) if bias_hh is None else torch.addmm(bias_hh, h, weight_t)  # (N, 3H)
+            rz = torch.sigmoid(xp[:, : 2 * hidden] + hp[:, : 2 * hidden])  # (N, 2H)
+            r, z = rz.chunk(2, dim=1)
+            hn = hp[:, 2 * hidden :]
+            n = torch.tanh(torch.addcmul(xp[:, 2 * hidden :], r, hn))
+            h = torch.addcmul(n, z, h - n)  # (1 - z) n + z h, as torch's GRU cell computes it
+            hs.append(h)
+            if save:
+                rzs.append(rz)
+                ns.append(n)
+                hns.append(hn)
+        if save:
+            resets_updates.append(torch.stack(rzs))
+            news.append(torch.stack(ns))
+            hidden_news.append(torch.stack(hns))
+    return torch.stack(hs), h, *resets_updates, *news, *hidden_news
+
+
 class _RNNSequence(torch.autograd.Function):
     """`h_t = phi(x_t W_ih^T + b + h_{t-1} W_hh^T)` over `xs: (T, N, I)`; phi is tanh or relu."""
 
@@ -153,31 +212,7 @@ class _LSTMSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(xs, h0, c0, weight_ih, bias, weight_hh):
-        steps, batch, _ = xs.shape
-        hidden = h0.shape[-1]
-        weight_t = weight_hh.T.contiguous()  # (H, 4H)
-        h, c, hs = h0, c0, []
-        activations, cells, tanh_cells = [], [], []  # per chunk: (K, N, 4H) i, f, g, o after sigmoid/tanh; (K, N, H) c; tanh(c)
-        for start, stop in _chunk_bounds(steps, batch * 4 * hidden):
-            acts, cs, tanh_cs = [], [], []
-            for xp in _project(xs[start:stop], weight_ih, bias).unbind(0):
-                act = torch.addmm(xp, h, weight_t)  # (N, 4H) gate pre-activations, activated in place
-                act[:, : 2 * hidden].sigmoid_()
-                act[:, 2 * hidden : 3 * hidden].tanh_()
-                act[:, 3 * hidden :].sigmoid_()
-                i, f, g, o = act.chunk(4, dim=1)  # views
-                c = torch.addcmul(f * c, i, g)
-                tanh_c = torch.tanh(c)
-                h = o * tanh_c
-                hs.append(h)
-                acts.append(act)
-                cs.append(c)
-                tanh_cs.append(tanh_c)
-            activations.append(torch.stack(acts))
-            cells.append(torch.stack(cs))
-            tanh_cells.append(torch.stack(tanh_cs))
-        # ys, h_T, c_T, then what backward needs (outputs, since setup_context may only save inputs and outputs)
-        return torch.stack(hs), h, c, *activations, *cells, *tanh_cells
+        return _lstm_forward(xs, h0, c0, weight_ih, bias, weight_hh, save=True)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -204,10 +239,13 @@ class _LSTMSequence(torch.autograd.Function):
             # What does not depend on the incoming gradient, for the whole chunk at once:
             # dc_t = dc_{t+1} f_{t+1} + dh_t o (1 - tanh(c)^2);  d(i, f, g, o) = (dc, dc, dc, dh) * gate_scale
             i, f, g, o = act.chunk(4, dim=-1)
-            slope_i, slope_f, _, slope_o = (act - act * act).chunk(4, dim=-1)  # sigmoid' = s (1 - s)
+            hidden = i.shape[-1]
+            square = act * act
+            slope = act - square  # sigmoid' = s (1 - s) for i, f, o
+            slope[..., 2 * hidden : 3 * hidden] = 1 - square[..., 2 * hidden : 3 * hidden]  # tanh' = 1 - g^2
             c_prev = _previous(cells[index - 1][-1] if index else c0, c)
-            gate_scale = torch.cat([g * slope_i, c_prev * slope_f, i * (1 - g * g), tanh_c * slope_o], dim=-1)  # (K, N, 4H)
-            cell_scale = o * (1 - tanh_c * tanh_c)  # (K, N, H)
+            gate_scale = torch.cat([g, c_prev, i, tanh_c], dim=-1).mul_(slope)  # (K, N, 4H)
+            cell_scale = o - ys[start:stop] * tanh_c  # o (1 - tanh(c)^2), as h = o tanh(c); (K, N, H)
             d_gates = []  # last step first
             for t in range(stop - 1, start - 1, -1):
                 k = t - start
@@ -229,28 +267,7 @@ class _GRUSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(xs, h0, weight_ih, bias_ih, weight_hh, bias_hh):
-        steps, batch, _ = xs.shape
-        hidden = h0.shape[-1]
-        weight_t = weight_hh.T.contiguous()  # (H, 3H)
-        h, hs = h0, []
-        resets_updates, news, hidden_news = [], [], []  # per chunk: (K, N, 2H) r, z; (K, N, H) n; h W_hn^T + b_hn
-        for start, stop in _chunk_bounds(steps, batch * 4 * hidden):
-            rzs, ns, hns = [], [], []
-            for xp in _project(xs[start:stop], weight_ih, bias_ih).unbind(0):
-                hp = torch.mm(h, weight_t) if bias_hh is None else torch.addmm(bias_hh, h, weight_t)  # (N, 3H)
-                rz = torch.sigmoid(xp[:, : 2 * hidden] + hp[:, : 2 * hidden])  # (N, 2H)
-                r, z = rz.chunk(2, dim=1)
-                hn = hp[:, 2 * hidden :]
-                n = torch.tanh(torch.addcmul(xp[:, 2 * hidden :], r, hn))
-                h = torch.addcmul(n, z, h - n)  # (1 - z) n + z h, as torch's GRU cell computes it
-                hs.append(h)
-                rzs.append(rz)
-                ns.append(n)
-                hns.append(hn)
-            resets_updates.append(torch.stack(rzs))
-            news.append(torch.stack(ns))
-            hidden_news.append(torch.stack(hns))
-        return torch.stack(hs), h, *resets_updates, *news, *hidden_news
+        return _gru_forward(xs, h0, weight_ih, bias_ih, weight_hh, bias_hh, save=True)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -322,7 +339,8 @@ def rnn_sequence(params: Params, h: torch.Tensor, xs: torch.Tensor, *, nonlinear
     """
     batch_shape, flat = _flat(xs, h.shape[-1])
     hidden = h.shape[-1]
-    ys, last = _RNNSequence.apply(
+    run = _RNNSequence.apply if torch.is_grad_enabled() else _RNNSequence.forward  # no graph to build: skip the Function
+    ys, last = run(
         flat, h.reshape(flat.shape[1], hidden), params["weight_ih"], _folded_bias(params), params["weight_hh"], nonlinearity == "relu"
     )
     return last.reshape(*batch_shape, hidden), ys.reshape(xs.shape[0], *batch_shape, hidden)
@@ -346,7 +364,8 @@ def lstm_sequence(params: Params, carry: LSTMCarry, xs: torch.Tensor) -> tuple[L
     hidden = c.shape[-1]
     batch_shape, flat = _flat(xs, hidden)
     batch = flat.shape[1]
-    outputs = _LSTMSequence.apply(flat, h.reshape(batch, hidden), c.reshape(batch, hidden), params["weight_ih"], _folded_bias(params), params["weight_hh"])
+    args = (flat, h.reshape(batch, hidden), c.reshape(batch, hidden), params["weight_ih"], _folded_bias(params), params["weight_hh"])
+    outputs = _LSTMSequence.apply(*args) if torch.is_grad_enabled() else _lstm_forward(*args, save=False)
     ys, h, c = outputs[:3]
     return LSTMCarry(h.reshape(*batch_shape, hidden), c.reshape(*batch_shape, hidden)), ys.reshape(xs.shape[0], *batch_shape, hidden)
 
@@ -365,6 +384,7 @@ def gru_sequence(params: Params, h: torch.Tensor, xs: torch.Tensor) -> tuple[tor
     """
     hidden = h.shape[-1]
     batch_shape, flat = _flat(xs, hidden)
-    outputs = _GRUSequence.apply(flat, h.reshape(flat.shape[1], hidden), params["weight_ih"], params.get("bias_ih"), params["weight_hh"], params.get("bias_hh"))
+    args = (flat, h.reshape(flat.shape[1], hidden), params["weight_ih"], params.get("bias_ih"), params["weight_hh"], params.get("bias_hh"))
+    outputs = _GRUSequence.apply(*args) if torch.is_grad_enabled() else _gru_forward(*args, save=False)
     ys, last = outputs[:2]
     return last.reshape(*batch_shape, hidden), ys.reshape(xs.shape[0], *batch_shape, hidden)

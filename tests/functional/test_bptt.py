@@ -237,3 +237,16 @@ def test_lstm_with_projection_falls_back_to_the_scan(oracle):
 def test_archs_with_a_sequence():
     assert ARCHS == ["rnn_tanh", "rnn_relu", "lstm", "gru"]
     assert functional.ARCHS["sru"].sequence is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_grad_path_equals_the_differentiable_one(oracle, arch, chunking):
+    """Without grad mode the sequence skips the autograd.Function and saves nothing: same values, also under vmap."""
+    params_list = [make_params(arch, seed=k) for k in range(2)]
+    carry, xs = random_carry(arch, (B,)), randn(T, B, I, seed=1)
+    want = sequence(arch, params_list[0], carry, xs)
+    with torch.no_grad():
+        oracle.assert_close(sequence(arch, params_list[0], carry, xs), want, 0.0, "no_grad")
+        got = vmap(lambda p: sequence(arch, p, carry, xs))(stack_params(params_list))
+    for k, params in enumerate(params_list):
+        oracle.assert_close(tree_map(lambda leaf: leaf[k], got), step_wise(arch, params, carry, xs), OUT_TOL, f"vmap no_grad [{k}]")
