@@ -239,13 +239,10 @@ class _LSTMSequence(torch.autograd.Function):
             # What does not depend on the incoming gradient, for the whole chunk at once:
             # dc_t = dc_{t+1} f_{t+1} + dh_t o (1 - tanh(c)^2);  d(i, f, g, o) = (dc, dc, dc, dh) * gate_scale
             i, f, g, o = act.chunk(4, dim=-1)
-            hidden = i.shape[-1]
-            square = act * act
-            slope = act - square  # sigmoid' = s (1 - s) for i, f, o
-            slope[..., 2 * hidden : 3 * hidden] = 1 - square[..., 2 * hidden : 3 * hidden]  # tanh' = 1 - g^2
+            slope_i, slope_f, _, slope_o = (act - act * act).chunk(4, dim=-1)  # sigmoid' = s (1 - s)
             c_prev = _previous(cells[index - 1][-1] if index else c0, c)
-            gate_scale = torch.cat([g, c_prev, i, tanh_c], dim=-1).mul_(slope)  # (K, N, 4H)
-            cell_scale = o - ys[start:stop] * tanh_c  # o (1 - tanh(c)^2), as h = o tanh(c); (K, N, H)
+            gate_scale = torch.cat([g * slope_i, c_prev * slope_f, i * (1 - g * g), tanh_c * slope_o], dim=-1)  # (K, N, 4H)
+            cell_scale = o * (1 - tanh_c * tanh_c)  # (K, N, H)
             d_gates = []  # last step first
             for t in range(stop - 1, start - 1, -1):
                 k = t - start
