@@ -175,6 +175,8 @@ def run_layers(
     if moved:
         xs = xs.movedim(1, 0)
     batch_shape = check_input("xs", xs, structure.input_size, structure.dtype)[1:]
+    if xs.shape[0] == 0:  # as scan words it (the sequence fast path below does not scan)
+        raise ValueError("xs: expected at least one time step (T >= 1), got T = 0")
     stacked = structure.num_layers * structure.directions
     if carry is None:
         carry = spec.initial_carry((stacked, *batch_shape), structure.hidden_size, dtype=xs.dtype, device=xs.device, proj_size=structure.proj_size)
@@ -194,8 +196,12 @@ def run_layers(
         outputs = []
         for reverse in (False, True)[: structure.directions]:
             cell_params = layer_params(params, layer, reverse)
-            projected = spec.project(cell_params, layer_input)  # all T steps in one matmul: (T, *B, G*H)
-            final, ys = scan(partial(spec.recurrence, cell_params), carries[len(finals)], projected, reverse=reverse, lengths=lengths)
+            if spec.sequence is not None and lengths is None:  # whole sequence, hand-derived backward (bptt.py)
+                final, ys = spec.sequence(cell_params, carries[len(finals)], layer_input.flip(0) if reverse else layer_input)
+                ys = ys.flip(0) if reverse else ys
+            else:
+                projected = spec.project(cell_params, layer_input)  # all T steps in one matmul: (T, *B, G*H)
+                final, ys = scan(partial(spec.recurrence, cell_params), carries[len(finals)], projected, reverse=reverse, lengths=lengths)
             finals.append(final)
             outputs.append(ys)
         layer_input = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]  # (T, *B, D*H_out)

@@ -117,7 +117,8 @@ def test_compare_detects_a_scaled_carry_in_layers(monkeypatch, arch):
         scaled = type(new_carry)(*(leaf * (1 + 1e-3) for leaf in new_carry)) if isinstance(new_carry, tuple) else new_carry * (1 + 1e-3)
         return scaled, y
 
-    monkeypatch.setitem(functional.registry.ARCHS, arch, dataclasses.replace(spec, recurrence=scaled_recurrence))
+    # sequence=None: run_layers then scans the (patched) recurrence instead of the whole-sequence fast path
+    monkeypatch.setitem(functional.registry.ARCHS, arch, dataclasses.replace(spec, recurrence=scaled_recurrence, sequence=None))
     report = compare(arch, layered_params(arch), randn(T, B, I, seed=1))
     assert report.relative_out > 1e-6
     assert report.carry > 1e-6 * report.out_scale
