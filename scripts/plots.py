@@ -108,7 +108,9 @@ def plot_gradflow(paths: list[Path], results: dict[str, Any], title: str) -> Non
     `results[arch]["init" | "trained"]` hold `state_gradient_norms` (layers, T) and `jacobian_norms_median` (T,);
     dashed lines are at init, solid after training.
     """
+    floor = 1e-30  # below this every curve is just the same straight decay (and float64 underflows near 1e-308)
     figure, (flow, jacobian) = plt.subplots(1, 2, figsize=(16, 6), gridspec_kw={"width_ratios": [3, 2]})
+    reach, peak = 1, floor  # the largest distance at which some curve is still above the floor; the largest norm
     for index, (arch, entry) in enumerate(results.items()):
         color = f"C{index % 10}"
         for when, style in (("init", "--"), ("trained", "-")):
@@ -117,8 +119,12 @@ def plot_gradflow(paths: list[Path], results: dict[str, Any], title: str) -> Non
             norms = np.asarray(entry[when]["state_gradient_norms"])[-1]  # top cell, (T,)
             distance = norms.shape[0] - np.arange(norms.shape[0])  # s_t is T - t steps before the loss
             label = f"{arch} ({when})" + (" (diverged: init only)" if when == "init" and "diverged" in entry else "")
+            above = distance[norms > floor]
+            reach, peak = max(reach, int(above.max()) if above.size else 1), max(peak, float(norms.max()))
             flow.semilogy(distance, np.maximum(norms, np.finfo(float).tiny), color=color, linestyle=style, label=label)
             jacobian.plot(np.asarray(entry[when]["jacobian_norms_median"]), color=color, linestyle=style, label=f"{arch} ({when})")
+    flow.set_ylim(floor, peak * 10)
+    flow.set_xlim(0, reach * 1.05)
     flow.set_xlabel("steps between the state and the loss (T - t)")
     flow.set_ylabel("||dL/ds_t|| (top cell)")
     flow.set_title("how much the last step's loss depends on the state at t")
