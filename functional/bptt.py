@@ -1,14 +1,14 @@
 """Whole-sequence recurrences with a hand-derived backward through time (custom autograd Functions).
 
 The step-wise path (`scan` over `recurrence`) records ~10 ops per step for autograd to replay. Here
-one `torch.autograd.Function` runs the whole sequence: the forward loop saves the gate activations,
-the backward loop does only the elementwise gate derivatives and one `dgates @ W_hh` matmul per step,
-and `dW_hh` is a single matmul over all `T * B` rows. The input matmul stays outside (the caller's
-hoisted `x W_ih^T + b`), so its gradients come from ordinary autograd.
+one `torch.autograd.Function` runs a whole layer: the input projection `x W_ih^T + b` one time chunk
+at a time (one matmul per chunk), the recurrence step by step saving the gate activations; the
+backward loop does only the elementwise gate derivatives and one `d_gates @ W_hh` matmul per step,
+and per chunk one matmul each for `dW_ih`, `dW_hh` and `dx`. No `(T, *B, G*H)` tensor is ever built.
 
 Each Function uses the `setup_context` API with `generate_vmap_rule = True`, so `torch.func.grad`,
 `vmap` and `vmap(grad(...))` compose with it. Inside, the batch `*B` is flattened to one dim `N`.
-"""
+Without grad mode the wrappers skip the Function and save nothing."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import torch
 from functional.lstm import LSTMCarry, lstm_recurrence
 from functional.params import Params, gates_projection
 from functional.scan import scan
-
 
 # Work is done in time chunks of about this many elements per tensor: the input projection, the saved
 # activations and the gradients of a chunk stay small enough for the allocator to recycle them and for
@@ -311,7 +310,7 @@ class _GRUSequence(torch.autograd.Function):
         weight_hh_grad = torch.cat([grads.weight_hh[: 2 * hidden], grads.weight_hh[3 * hidden :]])
         bias_hh_grad = torch.cat([grads.bias_hh[: 2 * hidden], grads.bias_hh[3 * hidden :]]) if ctx.has_bias[1] else None
         return grads.inputs(), dh, grads.weight_ih, grads.bias if ctx.has_bias[0] else None, weight_hh_grad, bias_hh_grad
-def _flat(xs: torch.Tensor, hidden: int) -> tuple[tuple[int, ...], torch.Tensor]:
+def _flat(xs: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
     """`(T, *B, I)` -> `B` and `xs` as `(T, N, I)` with `N = prod(B)`."""
     batch_shape = tuple(xs.shape[1:-1])
     return batch_shape, xs.reshape(xs.shape[0], math.prod(batch_shape), xs.shape[-1])
@@ -334,7 +333,7 @@ def rnn_sequence(params: Params, h: torch.Tensor, xs: torch.Tensor, *, nonlinear
     Returns:
         `(h_T, ys)` with `ys: (T, *B, H)`; equal to scanning `rnn_recurrence` over `gates_projection(params, xs)`.
     """
-    batch_shape, flat = _flat(xs, h.shape[-1])
+    batch_shape, flat = _flat(xs)
     hidden = h.shape[-1]
     run = _RNNSequence.apply if torch.is_grad_enabled() else _RNNSequence.forward  # no graph to build: skip the Function
     ys, last = run(
@@ -359,7 +358,7 @@ def lstm_sequence(params: Params, carry: LSTMCarry, xs: torch.Tensor) -> tuple[L
         return scan(lambda state, xp: lstm_recurrence(params, state, xp), LSTMCarry(*carry), gates_projection(params, xs))
     h, c = carry
     hidden = c.shape[-1]
-    batch_shape, flat = _flat(xs, hidden)
+    batch_shape, flat = _flat(xs)
     batch = flat.shape[1]
     args = (flat, h.reshape(batch, hidden), c.reshape(batch, hidden), params["weight_ih"], _folded_bias(params), params["weight_hh"])
     outputs = _LSTMSequence.apply(*args) if torch.is_grad_enabled() else _lstm_forward(*args, save=False)
@@ -380,7 +379,7 @@ def gru_sequence(params: Params, h: torch.Tensor, xs: torch.Tensor) -> tuple[tor
         `(h_T, ys)` with `ys: (T, *B, H)`; equal to scanning `gru_recurrence` over `input_projection(params, xs)`.
     """
     hidden = h.shape[-1]
-    batch_shape, flat = _flat(xs, hidden)
+    batch_shape, flat = _flat(xs)
     args = (flat, h.reshape(flat.shape[1], hidden), params["weight_ih"], params.get("bias_ih"), params["weight_hh"], params.get("bias_hh"))
     outputs = _GRUSequence.apply(*args) if torch.is_grad_enabled() else _gru_forward(*args, save=False)
     ys, last = outputs[:2]
