@@ -75,9 +75,18 @@ def _gated_sizes(gates: int, allow_projection: bool = False) -> Callable[[Params
 
 
 ARCHS: dict[str, Arch] = {
-    "rnn_tanh": Arch("rnn_tanh", 1, _gated_init(1), partial(rnn_cell, nonlinearity="tanh"), gates_projection, partial(rnn_recurrence, nonlinearity="tanh"), _zeros_carry, _gated_sizes(1), sequence=partial(rnn_sequence, nonlinearity="tanh")),
-    "rnn_relu": Arch("rnn_relu", 1, _gated_init(1), partial(rnn_cell, nonlinearity="relu"), gates_projection, partial(rnn_recurrence, nonlinearity="relu"), _zeros_carry, _gated_sizes(1), sequence=partial(rnn_sequence, nonlinearity="relu")),
-    "lstm": Arch("lstm", 4, _gated_init(4), lstm_cell, gates_projection, lstm_recurrence, _lstm_zeros_carry, _gated_sizes(4, True), supports_projection=True, sequence=lstm_sequence),
+    "rnn_tanh": Arch(
+        "rnn_tanh", 1, _gated_init(1), partial(rnn_cell, nonlinearity="tanh"), gates_projection, partial(rnn_recurrence, nonlinearity="tanh"),
+        _zeros_carry, _gated_sizes(1), sequence=partial(rnn_sequence, nonlinearity="tanh"),
+    ),
+    "rnn_relu": Arch(
+        "rnn_relu", 1, _gated_init(1), partial(rnn_cell, nonlinearity="relu"), gates_projection, partial(rnn_recurrence, nonlinearity="relu"),
+        _zeros_carry, _gated_sizes(1), sequence=partial(rnn_sequence, nonlinearity="relu"),
+    ),
+    "lstm": Arch(
+        "lstm", 4, _gated_init(4), lstm_cell, gates_projection, lstm_recurrence, _lstm_zeros_carry, _gated_sizes(4, True),
+        supports_projection=True, sequence=lstm_sequence,
+    ),
     "gru": Arch("gru", 3, _gated_init(3), gru_cell, input_projection, gru_recurrence, _zeros_carry, _gated_sizes(3), sequence=gru_sequence),
     "sru": Arch(
         "sru", 0, sru_init, sru_cell, sru_projection, sru_recurrence, _zeros_carry, lambda params, prefix="": sru_sizes(params, prefix)[:2], layered=False, buffers=frozenset({"scale_x"})
