@@ -94,6 +94,13 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+def split_buffers(arch: str, params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(trainable, constants)`: the arch's buffers (e.g. SRU's `scale_x`) are part of the model but never trained."""
+    buffers = get_arch(arch).buffers
+    trainable = {key: value for key, value in params.items() if key.rsplit(".", 1)[-1] not in buffers}
+    return trainable, {key: value for key, value in params.items() if key not in trainable}
+
+
 def get_arch(arch: str) -> Arch:
     """The registry entry for `arch`, or a ValueError listing the choices."""
     if arch not in ARCHS:

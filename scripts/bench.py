@@ -26,9 +26,11 @@ from torch import nn
 from torch.func import grad_and_value
 
 from functional.predictor import init_predictor, predict, predictor_cells
+from functional.transforms import mse
 from parity.convert import TORCH_MODULES, to_torch
 from parity.predictor import to_torch_predictor
 from scripts.data import sine_waves
+from scripts.errors import fail
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 ARCHS = ("lstm", "gru", "rnn_tanh")  # the default; any arch with both an nn cell and a fused nn layer may be asked for
@@ -72,10 +74,6 @@ class Row:
     median_ms: dict[str, dict[str, float]]  # implementation -> pass -> median
     times_ms: dict[str, dict[str, list[float]]]  # implementation -> pass -> every timed repetition
     ratios: dict[str, dict[str, float]]  # pass -> {"cell_loop": functional / cell loop, "fused": functional / fused}
-
-
-def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return ((prediction - target) ** 2).mean()
 
 
 class FusedPredictor(nn.Module):
@@ -225,13 +223,6 @@ def machine() -> dict[str, Any]:
 
 # -- the command ---------------------------------------------------------------------------------------------------
 
-errors = Console(stderr=True)
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print one line to stderr and return the Exit to raise (as scripts.train_command.fail)."""
-    errors.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _split(values: Optional[list[str]]) -> list[str]:

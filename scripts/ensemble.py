@@ -22,7 +22,7 @@ import torch
 from torch.func import vmap
 
 from functional.predictor import init_predictor, predict
-from functional.registry import get_arch
+from functional.registry import get_arch, split_buffers
 from functional.stack import stack_params
 from functional.transforms import ensemble_grad_and_value, predictor_loss
 from scripts.checkpoint import Checkpoint, CheckpointError, remove_stale_temps, save_checkpoint, write_json
@@ -62,19 +62,12 @@ def check_ensemble_resume(config: TrainConfig, members: int, checkpoint: Checkpo
         if tuple(checkpoint.params[key].shape) != shape:
             raise CheckpointError(f"{out}: params[{key!r}]: expected shape {shape} for {what}, got {tuple(checkpoint.params[key].shape)}")
     if checkpoint.optimizer:
-        trainable, _ = split_constants(config.arch, {key: torch.empty(shape, device="meta") for key, shape in expected.items()})
+        trainable, _ = split_buffers(config.arch, {key: torch.empty(shape, device="meta") for key, shape in expected.items()})
         check_optimizer_state(checkpoint.optimizer, torch.optim.Adam([value.requires_grad_() for value in trainable.values()], lr=config.lr), out)
 
 
 def member_seeds(config: TrainConfig, members: int) -> list[int]:
     return [config.seed + member for member in range(members)]
-
-
-def split_constants(arch: str, stacked: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Trainable params and constants (e.g. SRU's scale_x), as `FunctionalModel` splits them."""
-    constants = get_arch(arch).buffers
-    trainable = {key: value for key, value in stacked.items() if key.rsplit(".", 1)[-1] not in constants}
-    return trainable, {key: value for key, value in stacked.items() if key not in trainable}
 
 
 def initial_ensemble(config: TrainConfig, members: int, device: str) -> dict[str, torch.Tensor]:
@@ -115,7 +108,7 @@ def run_ensemble(
         stacked = {key: value.to(device=device, dtype=dtype).clone() for key, value in resume_from.params.items()}
     else:
         stacked = initial_ensemble(config, members, device)
-    trainable, constants = split_constants(config.arch, stacked)
+    trainable, constants = split_buffers(config.arch, stacked)
     optimizer = torch.optim.Adam(list(trainable.values()), lr=config.lr)
     if resume_from:
         check_ensemble_resume(config, members, resume_from, out)

@@ -24,19 +24,14 @@ from functional.gradflow import state_gradient_norms
 from functional.jacobian import jacobian_spectral_norms
 from functional.predictor import predictor_cells
 from functional.registry import ARCHS, get_arch
+from functional.scan import scan
 from scripts.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
 from scripts.data import DataError
+from scripts.errors import errors, fail
 from scripts.plots import plot_gradflow
 from scripts.train import DTYPES, Diverged, Interrupted, StepEvent, TrainConfig, check_config, initial_params, load_data, resolve_device, run
 
 console = Console()
-errors = Console(stderr=True)
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """One line on stderr, and the Exit to raise (the style of every `cells` command)."""
-    errors.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def parse_archs(value: str) -> list[str]:
@@ -56,11 +51,7 @@ def measure(arch: str, params: dict[str, torch.Tensor], inputs: torch.Tensor, ta
     hidden = inputs
     for cell in cells[:-1]:  # the top cell's inputs: the outputs of the layers below
         carry = spec.initial_carry(tuple(hidden.shape[1:-1]), spec.sizes(cell)[1], dtype=hidden.dtype, device=hidden.device)
-        outputs = []
-        for x in spec.project(cell, hidden).unbind(0):
-            carry, y = spec.recurrence(cell, carry, x)
-            outputs.append(y)
-        hidden = torch.stack(outputs)
+        _, hidden = scan(lambda c, x, cell=cell: spec.recurrence(cell, c, x), carry, spec.project(cell, hidden))
     jacobians = jacobian_spectral_norms(arch, cells[-1], hidden)
     return {"state_gradient_norms": norms.tolist(), "jacobian_norms_median": jacobian_norms_median(jacobians)}
 

@@ -21,18 +21,24 @@ def _save(figure: Any, paths: list[Path]) -> None:
     plt.close(figure)
 
 
-def plot_forecast(paths: list[Path], predictions: np.ndarray, known: int, *, title: str = TITLE, truth: np.ndarray | None = None, overlay: np.ndarray | None = None, labels: tuple[str, str] = ("", "")) -> None:
-    """`predictions: (known + future, M)`: solid for the first `known` steps, dotted after.
-
-    `truth: (future, M)` (held-out values) is drawn in grey; `overlay` is a second prediction of the
-    same shape (e.g. torch's next to functional's), drawn dashed and thinner.
-    """
+def _forecast_figure(title: str) -> Any:
+    """The example's wide figure: big title and ticks, x and y axes."""
     figure = plt.figure(figsize=(30, 10))
     plt.title(title, fontsize=30)
     plt.xlabel("x", fontsize=20)
     plt.ylabel("y", fontsize=20)
     plt.xticks(fontsize=20)
     plt.yticks(fontsize=20)
+    return figure
+
+
+def plot_forecast(paths: list[Path], predictions: np.ndarray, known: int, *, title: str = TITLE, truth: np.ndarray | None = None, overlay: np.ndarray | None = None, labels: tuple[str, str] = ("", "")) -> None:
+    """`predictions: (known + future, M)`: solid for the first `known` steps, dotted after.
+
+    `truth: (future, M)` (held-out values) is drawn in grey; `overlay` is a second prediction of the
+    same shape (e.g. torch's next to functional's), drawn dashed and thinner.
+    """
+    figure = _forecast_figure(title)
     steps = np.arange(predictions.shape[0])
     for series in range(predictions.shape[1]):
         color = COLORS[series % len(COLORS)]
@@ -66,12 +72,7 @@ def plot_losses(paths: list[Path], history: list[dict[str, Any]], title: str) ->
 
 def plot_ensemble_forecast(paths: list[Path], predictions: np.ndarray, known: int, *, title: str, truth: np.ndarray | None = None) -> None:
     """`predictions: (K, known + future, M)`: each series' member mean (solid, then dotted) and its min-max band."""
-    figure = plt.figure(figsize=(30, 10))
-    plt.title(title, fontsize=30)
-    plt.xlabel("x", fontsize=20)
-    plt.ylabel("y", fontsize=20)
-    plt.xticks(fontsize=20)
-    plt.yticks(fontsize=20)
+    figure = _forecast_figure(title)
     steps = np.arange(predictions.shape[1])
     mean, low, high = predictions.mean(0), predictions.min(0), predictions.max(0)
     for series in range(predictions.shape[2]):

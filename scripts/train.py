@@ -19,7 +19,8 @@ import torch
 from torch.func import grad_and_value
 
 from functional.predictor import init_predictor, predict
-from functional.registry import ARCHS, get_arch
+from functional.registry import ARCHS, split_buffers
+from functional.transforms import mse
 from parity.predictor import to_torch_predictor
 from scripts.checkpoint import CHECKPOINT, Checkpoint, CheckpointError, remove_stale_temps, save_checkpoint, write_json
 from scripts.data import Dataset, check_future, make_dataset
@@ -86,18 +87,12 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return ((prediction - target) ** 2).mean()
-
-
 class FunctionalModel:
     """Params dict + `torch.func.grad_and_value`; the optimizer updates the dict's tensors in place."""
 
     def __init__(self, config: TrainConfig, params: dict[str, torch.Tensor]):
         self.arch, self.params = config.arch, params
-        constants = get_arch(config.arch).buffers  # e.g. SRU's scale_x: part of the model, never trained
-        self.trainable = {key: value for key, value in params.items() if key.rsplit(".", 1)[-1] not in constants}
-        self.constants = {key: value for key, value in params.items() if key not in self.trainable}
+        self.trainable, self.constants = split_buffers(config.arch, params)  # e.g. SRU's scale_x is never trained
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.trainable.values())
@@ -340,8 +335,7 @@ def check_resume(config: TrainConfig, checkpoint: Checkpoint, out: Path) -> None
     """Before a resumed run builds anything: the checkpoint's params and optimizer state fit `config` (CheckpointError otherwise)."""
     check_params_fit(config, checkpoint.params, out)
     if checkpoint.optimizer:
-        constants = get_arch(config.arch).buffers
-        shapes = [value.shape for key, value in checkpoint.params.items() if key.rsplit(".", 1)[-1] not in constants]
+        shapes = [value.shape for value in split_buffers(config.arch, checkpoint.params)[0].values()]
         check_optimizer_state(checkpoint.optimizer, make_optimizer(config, [torch.empty(shape, device="meta", requires_grad=True) for shape in shapes]), out)
 
 

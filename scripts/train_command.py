@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,6 +22,7 @@ from functional.predictor import predict as functional_predict
 from functional.registry import ARCHS
 from scripts.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
 from scripts.data import DataError, make_dataset
+from scripts.errors import fail
 from scripts.ensemble import LBFGS_COUPLES, check_ensemble, check_ensemble_resume, ensemble_forecast, member_seeds, run_ensemble
 from scripts.plots import plot_ensemble_forecast, plot_forecast
 from scripts.train import DEFAULT_LR, DTYPES, Diverged, Interrupted, RunResult, StepEvent, TrainConfig, check_config, check_resume, load_data, resolve_device, run
@@ -48,7 +51,6 @@ class DType(str, Enum):
 
 
 console = Console()
-errors = Console(stderr=True)
 
 MODEL = "Model"
 DATA = "Data"
@@ -71,12 +73,6 @@ TestSeriesOption = Annotated[Optional[int], typer.Option(help="Series held out f
 WindowOption = Annotated[Optional[int], typer.Option(help="Training window length for a single series.  \\[default: 100]", rich_help_panel=DATA, show_default=False)]
 PdfOption = Annotated[bool, typer.Option("--pdf", help="Also write PDF plots.", rich_help_panel=RUN)]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.", rich_help_panel=RUN)]
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print one line to stderr and return the Exit to raise."""
-    errors.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _given(**options: object) -> dict[str, object]:
@@ -120,6 +116,25 @@ def _load_data(config: TrainConfig, resume_from=None):
         raise fail(str(error)) from None
 
 
+@contextlib.contextmanager
+def _run_failures(progress: Progress, out: Path) -> Iterator[None]:
+    """Map every expected failure of a training run to one line and an exit code (1 diverged, 130 Ctrl-C, 2 otherwise)."""
+    try:
+        yield
+    except Diverged as error:
+        progress.stop()
+        raise fail(str(error), code=1) from None
+    except Interrupted as error:
+        progress.stop()
+        raise fail(str(error), code=130) from None
+    except OSError as error:  # e.g. the disk filled up or --out became unwritable mid-run; the last checkpoint stays
+        progress.stop()
+        raise fail(f"--out {out}: cannot write {error.filename or 'the run'} ({error.strerror or error}); the last saved checkpoint is kept") from None
+    except (DataError, CheckpointError, ValueError) as error:
+        progress.stop()
+        raise fail(str(error)) from None
+
+
 def _train_one(config: TrainConfig, out: Path, data, *, resume_from=None, pdf: bool = False, label: str = "") -> RunResult:
     """Run one training with a progress bar; map every expected failure to one line and an exit code."""
     with Progress(
@@ -132,20 +147,8 @@ def _train_one(config: TrainConfig, out: Path, data, *, resume_from=None, pdf: b
         def on_event(event: StepEvent) -> None:
             progress.update(task, evals=event.evaluations, loss=f"{event.loss:.4e}", completed=event.step + 1 if event.done else event.step)
 
-        try:
+        with _run_failures(progress, out):
             result = run(config, out, data=data, resume_from=resume_from, pdf=pdf, on_event=on_event)
-        except Diverged as error:
-            progress.stop()
-            raise fail(str(error), code=1) from None
-        except Interrupted as error:
-            progress.stop()
-            raise fail(str(error), code=130) from None
-        except OSError as error:  # e.g. the disk filled up or --out became unwritable mid-run; the last checkpoint stays
-            progress.stop()
-            raise fail(f"--out {out}: cannot write {error.filename or 'the run'} ({error.strerror or error}); the last saved checkpoint is kept") from None
-        except (DataError, CheckpointError, ValueError) as error:
-            progress.stop()
-            raise fail(str(error)) from None
     for entry in result.history[start:]:
         extra = f", forecast loss {entry['forecast_loss']:.4e}" if "forecast_loss" in entry else ""
         console.print(f"step {entry['step']}: train loss {entry['train_loss']:.6e}, test loss {entry['test_loss']:.6e}{extra} ({entry['evaluations']} evals, {entry['wall_s']:.1f} s)")
@@ -242,20 +245,8 @@ def _train_ensemble(config: TrainConfig, members: int, out: Path, data, *, resum
         def on_event(event: StepEvent) -> None:
             progress.update(task, loss=f"{event.loss:.4e}", completed=event.step + 1)
 
-        try:
+        with _run_failures(progress, out):
             result = run_ensemble(config, members, out, data=data, resume_from=resume_from, pdf=pdf, on_event=on_event)
-        except Diverged as error:
-            progress.stop()
-            raise fail(str(error), code=1) from None
-        except Interrupted as error:
-            progress.stop()
-            raise fail(str(error), code=130) from None
-        except OSError as error:
-            progress.stop()
-            raise fail(f"--out {out}: cannot write {error.filename or 'the run'} ({error.strerror or error}); the last saved checkpoint is kept") from None
-        except (DataError, CheckpointError, ValueError) as error:
-            progress.stop()
-            raise fail(str(error)) from None
     table = Table(title=f"{config.arch}: {members} members trained in one vmapped run, {len(result.history)} Adam steps")
     for column in ("member", "seed", "first train loss", "last train loss", "last test loss"):
         table.add_column(column, justify="right", no_wrap=True)
